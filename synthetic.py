@@ -1,0 +1,305 @@
+"""Synthetic Qwen-VL models: the real transformers architectures with random weights.
+
+No weights can be downloaded offline, so the tests, the offline demo and the benchmark
+build models here, on the fly: the real model classes, a real processor (image processor,
+tokenizer, chat template) and either tiny dimensions (tests) or the published dimensions
+of a real checkpoint (demo and benchmark; the language model may be shortened, the vision
+tower never is). The text they generate is meaningless; the compute they do is real.
+
+Names accepted wherever a model is asked for: ``synthetic:<preset>``, e.g.
+``synthetic:qwen2.5-vl-3b`` or ``synthetic:tiny-qwen3-vl`` (see ``SYNTHETIC_PRESETS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("QwenVL-Fast")
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<think>",
+    "</think>",
+]
+
+# The Qwen-VL chat template, images before the text of a turn, as the official templates do.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class SyntheticPreset:
+    """Dimensions of one synthetic model. ``text_layers`` may be shortened on CPU."""
+
+    family: str  # transformers model_type
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    vocab_size: int = 512
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+
+SYNTHETIC_PRESETS: dict[str, SyntheticPreset] = {
+    "tiny-qwen2-vl": SyntheticPreset(
+        family="qwen2_vl",
+        vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        text={**_TINY_TEXT, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                "rope_theta": 10000.0}},
+        description="tiny Qwen2-VL for tests",
+    ),
+    "tiny-qwen2.5-vl": SyntheticPreset(
+        family="qwen2_5_vl",
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                    fullatt_block_indexes=[1], in_channels=3),
+        text={**_TINY_TEXT, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                "rope_theta": 10000.0}},
+        description="tiny Qwen2.5-VL for tests",
+    ),
+    "tiny-qwen3-vl": SyntheticPreset(
+        family="qwen3_vl",
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=144,
+                    deepstack_visual_indexes=[0], in_channels=3),
+        text={**_TINY_TEXT, "head_dim": 16,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                  "rope_theta": 5000000.0}},
+        description="tiny Qwen3-VL for tests",
+    ),
+    "tiny-qwen3-vl-moe": SyntheticPreset(
+        family="qwen3_vl_moe",
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=144,
+                    deepstack_visual_indexes=[0], in_channels=3),
+        text={**_TINY_TEXT, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                  "rope_theta": 5000000.0}},
+        description="tiny Qwen3-VL-MoE for tests",
+    ),
+    "tiny-qwen3.5": SyntheticPreset(
+        family="qwen3_5",
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=144,
+                    in_channels=3),
+        text={**_TINY_TEXT, "head_dim": 16, "layer_types": ["linear_attention", "full_attention"],
+              "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
+              "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                  "rope_theta": 10000000.0, "partial_rotary_factor": 1.0}},
+        description="tiny Qwen3.5 (hybrid linear attention) for tests",
+    ),
+    # Published dimensions (facts file). The vision tower is exactly the real one.
+    "qwen2.5-vl-3b": SyntheticPreset(
+        family="qwen2_5_vl",
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, hidden_act="silu"),
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, max_position_embeddings=128000, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                   "rope_theta": 1000000.0}),
+        vocab_size=151936,
+        description="Qwen2.5-VL-3B dimensions, random weights",
+    ),
+    "qwen3-vl-4b": SyntheticPreset(
+        family="qwen3_vl",
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[5, 11, 17], in_channels=3, hidden_act="gelu_pytorch_tanh"),
+        text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True, "rope_theta": 5000000.0}),
+        vocab_size=151936,
+        description="Qwen3-VL-4B dimensions, random weights",
+    ),
+}
+
+
+def is_synthetic_name(name: str) -> bool:
+    return name.startswith(SYNTHETIC_PREFIX)
+
+
+def parse_synthetic_name(name: str) -> tuple[SyntheticPreset, int | None]:
+    """``synthetic:qwen2.5-vl-3b`` or ``synthetic:qwen2.5-vl-3b@2`` (2 text layers)."""
+    body = name[len(SYNTHETIC_PREFIX):] if is_synthetic_name(name) else name
+    layers: int | None = None
+    if "@" in body:
+        body, _, layer_text = body.partition("@")
+        if not layer_text.isdigit() or int(layer_text) < 1:
+            raise ValueError(f"'{name}': the part after '@' must be a number of text layers, e.g. '@2'")
+        layers = int(layer_text)
+    if body not in SYNTHETIC_PRESETS:
+        raise ValueError(
+            f"Unknown synthetic model '{body}'. Known: {', '.join(sorted(SYNTHETIC_PRESETS))}"
+        )
+    return SYNTHETIC_PRESETS[body], layers
+
+
+def build_tokenizer():
+    """A byte-level tokenizer with the Qwen chat and vision special tokens (no vocab file needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
+    return fast
+
+
+def build_config(preset: SyntheticPreset, text_layers: int | None = None):
+    from transformers import AutoConfig
+
+    tokenizer_ids = {t: len(sorted_alphabet_placeholder()) + i for i, t in enumerate(SPECIAL_TOKENS)}
+    text = copy.deepcopy(preset.text)
+    text["vocab_size"] = max(preset.vocab_size, len(sorted_alphabet_placeholder()) + len(SPECIAL_TOKENS))
+    text["eos_token_id"] = tokenizer_ids["<|im_end|>"]
+    text["pad_token_id"] = tokenizer_ids["<|endoftext|>"]
+    text["bos_token_id"] = None
+    # A wider init than the default keeps random tiny models from emitting one token forever,
+    # so that equality of generated text is a meaningful assertion in tests.
+    text.setdefault("initializer_range", 0.02 if preset.vocab_size > 100000 else 0.5)
+    if text_layers is not None:
+        text["num_hidden_layers"] = text_layers
+        if "layer_types" in text:
+            text["layer_types"] = (text["layer_types"] * text_layers)[:text_layers]
+    cfg = AutoConfig.for_model(
+        preset.family,
+        vision_config=copy.deepcopy(preset.vision),
+        text_config=text,
+        image_token_id=tokenizer_ids["<|image_pad|>"],
+        video_token_id=tokenizer_ids["<|video_pad|>"],
+        vision_start_token_id=tokenizer_ids["<|vision_start|>"],
+        vision_end_token_id=tokenizer_ids["<|vision_end|>"],
+        eos_token_id=tokenizer_ids["<|im_end|>"],
+        pad_token_id=tokenizer_ids["<|endoftext|>"],
+        tie_word_embeddings=text.get("tie_word_embeddings", True),
+        **preset.extra,
+    )
+    return cfg
+
+
+def sorted_alphabet_placeholder() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def build_processor(preset: SyntheticPreset):
+    """The family's real processor class around the synthetic tokenizer."""
+    from transformers import AutoProcessor  # noqa: F401  (import check: transformers is usable)
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    patch = preset.vision["patch_size"]
+    merge = preset.vision["spatial_merge_size"]
+    factor = patch * merge
+    is_qwen3 = preset.family.startswith("qwen3")
+    mean_std = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]) if is_qwen3 else (
+        [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=preset.vision.get("temporal_patch_size", 2),
+        image_mean=mean_std[0],
+        image_std=mean_std[1],
+        size={"shortest_edge": 4 * factor * factor, "longest_edge": 16384 * factor * factor},
+    )
+    tokenizer = build_tokenizer()
+    if preset.family in ("qwen2_vl",):
+        from transformers import Qwen2VLProcessor as proc_cls
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor as vid_cls
+    elif preset.family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor as proc_cls
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor as vid_cls
+    else:
+        from transformers import Qwen3VLProcessor as proc_cls
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as vid_cls
+        if preset.family.startswith("qwen3_5"):
+            try:
+                from transformers import Qwen3VLProcessor as proc_cls  # Qwen3.5 ships the Qwen3-VL processor
+            except ImportError:  # pragma: no cover
+                pass
+    video_processor = vid_cls(patch_size=patch, merge_size=merge,
+                              temporal_patch_size=preset.vision.get("temporal_patch_size", 2),
+                              image_mean=mean_std[0], image_std=mean_std[1])
+    return proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                    chat_template=CHAT_TEMPLATE)
+
+
+def build_synthetic(name: str, dtype=None, device: str | None = None, seed: int = 0):
+    """Build (model, processor, config) for a ``synthetic:`` name, in memory, random weights."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    preset, layers = parse_synthetic_name(name)
+    config = build_config(preset, layers)
+    torch.manual_seed(seed)
+    dtype = dtype or torch.float32
+    # Initialise directly in the target dtype: a real-size model in fp32 first would double peak memory.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = AutoModelForImageTextToText.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    processor = build_processor(preset)
+    return model, processor, config
+
+
+def save_synthetic(name: str, folder: str | Path, seed: int = 0) -> Path:
+    """Write a synthetic model and its processor as a normal model folder (safetensors)."""
+    folder = Path(folder)
+    model, processor, _ = build_synthetic(name, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    log.info("[QwenVL-Fast] wrote synthetic model %s to %s", name, folder)
+    return folder
