@@ -1,0 +1,45 @@
+"""Qwen-VL Fast: Qwen vision-language models in ComfyUI, fast and trustworthy.
+
+Importing the pack registers its nodes and nothing else: no download, no model, no GPU memory.
+"""
+
+import logging
+
+log = logging.getLogger("QwenVL-Fast")
+
+MIN_TRANSFORMERS = (4, 57)
+MIN_TORCH = (2, 4)
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def _check_versions() -> str | None:
+    """One clear sentence instead of an import traceback in ComfyUI's log."""
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        return f"{exc.name} is not installed: run 'pip install -r requirements.txt' in ComfyUI's Python."
+    if _version_tuple(torch.__version__) < MIN_TORCH:
+        return f"torch {torch.__version__} is too old: Qwen-VL Fast needs torch >= {'.'.join(map(str, MIN_TORCH))}."
+    if _version_tuple(transformers.__version__) < MIN_TRANSFORMERS:
+        return (f"transformers {transformers.__version__} is too old: Qwen-VL Fast needs transformers >= "
+                f"{'.'.join(map(str, MIN_TRANSFORMERS))} (pip install -U 'transformers>=4.57').")
+    return None
+
+
+_problem = _check_versions()
+if _problem is None:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    log.error("[QwenVL-Fast] nodes not loaded: %s", _problem)
+    NODE_CLASS_MAPPINGS = {}
+    NODE_DISPLAY_NAME_MAPPINGS = {}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,100 @@
+"""Caption every image file of one folder (the existing packs' most requested feature)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+if __package__:
+    from . import qwenvl_loader as ql
+else:
+    import qwenvl_loader as ql
+
+log = logging.getLogger("QwenVL-Fast")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+CHUNK = 4  # images encoded together; one answer each
+
+
+@dataclass
+class CaptionResult:
+    path: Path
+    caption: str
+    status: str  # written / captioned / skipped / error: ...
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``; links that lead outside it are ignored."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ql.QwenVLError(f"'{folder}' is not a folder: give the full path of the folder to caption.")
+    root = folder.resolve()
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and p.resolve().parent == root:
+            files.append(p)
+    return files
+
+
+def load_image_file(path: Path) -> torch.Tensor:
+    """A file as a ComfyUI-style float HWC tensor (RGBA kept, so alpha is composited like the node does)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+        arr = np.asarray(im, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).float() / 255.0
+
+
+def caption_folder(
+    model: ql.QwenVLModel, folder: Path, *, prompt: str, image_quality: str = "balanced", max_new_tokens: int = 128,
+    write_txt: bool = True, overwrite: bool = False, seed: int = 0, system_prompt: str = "",
+    should_stop: Callable[[], bool] | None = None, on_file: Callable[[int, int], None] | None = None,
+) -> list[CaptionResult]:
+    files = list_images(folder)
+    results: list[CaptionResult] = []
+    todo: list[Path] = []
+    for f in files:
+        if write_txt and f.with_suffix(".txt").exists() and not overwrite:
+            results.append(CaptionResult(f, f.with_suffix(".txt").read_text(encoding="utf-8"), "skipped"))
+        else:
+            todo.append(f)
+    done = len(results)
+    for start in range(0, len(todo), CHUNK):
+        if should_stop is not None and should_stop():
+            break
+        chunk = todo[start:start + CHUNK]
+        images, ok_files = [], []
+        for f in chunk:
+            try:
+                images.append(load_image_file(f))
+                ok_files.append(f)
+            except Exception as exc:  # a broken file must not stop the folder
+                log.warning("[QwenVL-Fast] cannot read %s: %s", f, exc)
+                results.append(CaptionResult(f, "", f"error: cannot read image ({exc})"))
+        if images:
+            req = ql.GenerationRequest(
+                prompt=prompt, images=images, system_prompt=system_prompt, image_quality=image_quality,
+                max_new_tokens=max_new_tokens, seed=seed, batch_mode=ql.BATCH_MODES[1], should_stop=should_stop,
+            )
+            result = model.run(req)
+            for f, text in zip(ok_files, result.texts):
+                status = "captioned"
+                if write_txt:
+                    txt = f.with_suffix(".txt")
+                    with open(txt, "w" if overwrite else "x", encoding="utf-8") as out:
+                        out.write(text)
+                    status = "written"
+                results.append(CaptionResult(f, text, status))
+        done += len(chunk)
+        if on_file is not None:
+            on_file(done, len(files))
+    order = {p: i for i, p in enumerate(files)}
+    results.sort(key=lambda r: order.get(r.path, 0))
+    return results

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny real-architecture models written to disk at test time, an isolated cache."""
+
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY_FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-qwen3.5"]
+
+
+def pytest_configure(config):
+    for marker, text in [
+        ("slow", "slow tests (torch.compile); run in CI"),
+        ("comfyui", "tests against a real ComfyUI server"),
+    ]:
+        config.addinivalue_line("markers", f"{marker}: {text}")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """A models/LLM-like folder with one tiny model per family (random weights, real processor)."""
+    import synthetic
+
+    base = tmp_path_factory.mktemp("LLM")
+    for name in TINY_FAMILIES:
+        synthetic.save_synthetic(f"synthetic:{name}", base / name)
+    return base
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own disk-cache folder and a fresh process-wide cache and model manager."""
+    import qwenvl_loader as ql
+
+    monkeypatch.setenv("QWENVL_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    ql._CACHES.clear()
+    yield tmp_path / "cache"
+    ql.MANAGER.release()
+    for cache in ql._CACHES.values():
+        if cache.disk is not None:
+            cache.disk.close()
+    ql._CACHES.clear()
