@@ -286,6 +286,7 @@ class DiskTier:
                     eviction_policy="least-recently-used",
                     disk=_bytes_only_disk_class(),
                     timeout=10,
+                    disk_min_file_size=0,  # every entry is its own file: volume accounting stays exact
                 )
             except Exception as exc:  # read-only folder, no diskcache, broken database
                 self._disable(f"cannot open {self.directory}: {exc}")
