@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from . import qwenvl_loader as ql
 from . import quality_presets as qp
+from . import qwenvl_loader as ql
 from .embedding_cache import CACHE_DIR_ENV
 
 log = logging.getLogger("QwenVL-Fast")
@@ -237,11 +237,13 @@ def _generation_inputs() -> dict[str, tuple]:
             "Reuse the vision encoder's output for an image seen before (memory and disk).")}),
         "max_new_tokens": ("INT", {"default": 256, "min": 1, "max": 32768, **_tip("Most tokens to generate.")}),
         "do_sample": ("BOOLEAN", {"default": False, **_tip(
-            "Off: greedy, deterministic. On: sampling with temperature/top_p/top_k; the same seed gives the same text.")}),
+            "Off: greedy, deterministic. On: sampling with temperature/top_p/top_k; "
+            "the same seed gives the same text.")}),
         "temperature": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 2.0, "step": 0.05,
                                   **_tip("Sampling temperature (0 means greedy).")}),
         "top_p": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 1.0, "step": 0.01, **_tip("Nucleus sampling mass.")}),
-        "top_k": ("INT", {"default": 50, "min": 0, "max": 1000, **_tip("Sample among the k likeliest tokens (0: all).")}),
+        "top_k": ("INT", {"default": 50, "min": 0, "max": 1000,
+                          **_tip("Sample among the k likeliest tokens (0: all).")}),
         "repetition_penalty": ("FLOAT", {"default": 1.0, "min": 0.5, "max": 2.0, "step": 0.01,
                                          **_tip("Above 1 discourages repeating tokens.")}),
         "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, **_tip("Seed for sampling.")}),
@@ -440,7 +442,8 @@ class QwenVLFastCaptionFolder:
                                                        **_tip("Visual-token budget per image.")}),
                 "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 4096, **_tip("Most tokens per caption.")}),
                 "write_txt": ("BOOLEAN", {"default": True, **_tip("Write <image name>.txt beside each image.")}),
-                "overwrite": ("BOOLEAN", {"default": False, **_tip("Replace existing .txt files (otherwise skipped).")}),
+                "overwrite": ("BOOLEAN", {"default": False,
+                                          **_tip("Replace existing .txt files (otherwise skipped).")}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, **_tip("Seed (greedy ignores).")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},

@@ -18,15 +18,17 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 # Inside ComfyUI the pack is a package (imported by path); scripts and tests import the modules directly.
 if __package__:
-    from . import fast_preprocess, quality_presets as qp, synthetic
+    from . import fast_preprocess, synthetic
+    from . import quality_presets as qp
     from .embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
     from .perf_monitor import TIPS, RunMonitor, RunRecord, TokenTimer, report
 else:
