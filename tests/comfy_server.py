@@ -37,7 +37,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "ComfyUI-QwenVL-Fast"
@@ -228,7 +228,7 @@ class ComfyServer:
             sys.path.remove(str(REPO_ROOT))
         return synthetic.save_synthetic(preset, self.llm_dir / name)
 
-    def start(self, timeout: float = 120.0) -> Self:
+    def start(self, timeout: float = 120.0) -> ComfyServer:
         reason = comfyui_missing_reason(self.comfy_dir)
         if reason:
             raise RuntimeError(reason)
@@ -312,7 +312,7 @@ class ComfyServer:
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ComfyServer:  # noqa: PYI034 (py3.10: no typing.Self)
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -40,11 +40,31 @@ except ImportError:
 pytestmark = pytest.mark.comfyui
 
 RUN = "QwenVLFast_Run"
-NODE_IDS = ["QwenVLFast_Run", "QwenVLFast_LoadModel", "QwenVLFast_Generate", "QwenVLFast_CacheInfo",
-            "QwenVLFast_CaptionFolder"]
-RUN_INPUTS = ["model", "quantization", "attention_mode", "prompt", "system_prompt", "image_quality",
-              "enable_image_cache", "keep_model_loaded", "max_new_tokens", "do_sample", "temperature", "top_p",
-              "top_k", "repetition_penalty", "seed", "batch_mode"]
+NODE_IDS = [
+    "QwenVLFast_Run",
+    "QwenVLFast_LoadModel",
+    "QwenVLFast_Generate",
+    "QwenVLFast_CacheInfo",
+    "QwenVLFast_CaptionFolder",
+]
+RUN_INPUTS = [
+    "model",
+    "quantization",
+    "attention_mode",
+    "prompt",
+    "system_prompt",
+    "image_quality",
+    "enable_image_cache",
+    "keep_model_loaded",
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "batch_mode",
+]
 TINY = "tiny-qwen2.5-vl"
 BROKEN = "broken-model"
 
@@ -138,8 +158,15 @@ def _run_graph(info: dict, image: str | None, if_present: dict | None = None, **
 
 def _fast(tiny: str, **values) -> dict:
     """Inputs for a short, deterministic run of the tiny model."""
-    base = {"model": tiny, "max_new_tokens": 8, "do_sample": False, "seed": 0, "keep_model_loaded": True,
-                "enable_image_cache": True, "image_quality": "fast"}
+    base = {
+        "model": tiny,
+        "max_new_tokens": 8,
+        "do_sample": False,
+        "seed": 0,
+        "keep_model_loaded": True,
+        "enable_image_cache": True,
+        "image_quality": "fast",
+    }
     base.update(values)
     return base
 
@@ -220,16 +247,30 @@ def test_interrupt_stops_long_generation(comfy_server, run_info, tiny_choice):
     image = _image(comfy_server, 3)
     ws = comfy_server.listen()
     try:
-        graph = _run_graph(run_info, image, if_present={"min_new_tokens": 2000},
-                           **_fast(tiny_choice, prompt="Write a very long story.", max_new_tokens=2000))
+        graph = _run_graph(
+            run_info,
+            image,
+            if_present={"min_new_tokens": 2000},
+            **_fast(tiny_choice, prompt="Write a very long story.", max_new_tokens=2000),
+        )
         pid = comfy_server.queue(graph, client_id=ws.client_id)
-        try:  # a few tokens generated (the node reports progress per token) ...
-            ws.wait_for(lambda e: e.get("type") == "progress" and e["data"].get("prompt_id") == pid
-                        and e["data"].get("value", 0) >= 10, timeout=120)
-        except TimeoutError:  # ... or, without progress events, the prompt has run for a while
-            comfy_server.wait_running(pid)
-            time.sleep(1.5)
-        if comfy_server.history(pid) is not None:
+        # Wait until a few tokens are generated (the node reports progress per token), or, without progress
+        # events, until the prompt has run for a while.
+        deadline = time.monotonic() + 120
+        started = None
+        while comfy_server.history(pid) is None and time.monotonic() < deadline:
+            if any(
+                e["data"].get("prompt_id") == pid and e["data"].get("value", 0) >= 10 for e in ws.snapshot("progress")
+            ):
+                break
+            if started is None and comfy_server.is_running(pid):
+                started = time.monotonic()
+            if started is not None and time.monotonic() - started > 3.0 and not ws.snapshot("progress"):
+                break
+            time.sleep(0.05)
+        done = comfy_server.history(pid)
+        if done is not None:
+            _assert_success(done, comfy_server)
             pytest.skip("the generation ended (EOS) before it could be interrupted")
         t0 = time.monotonic()
         comfy_server.interrupt()
@@ -298,3 +339,47 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(comfy_server,
     entry = _run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Fine again?"))
     assert node_ui(entry, "2")["text"][0].strip()
     assert comfy_server.alive()
+
+
+def test_load_model_and_generate_one_answer_per_image(comfy_server, tiny_choice):
+    load_info = comfy_server.object_info("QwenVLFast_LoadModel")
+    gen_info = comfy_server.object_info("QwenVLFast_Generate")
+    a, b = _image(comfy_server, 6), _image(comfy_server, 7)
+    gen_inputs = _widget_defaults(gen_info)
+    gen_inputs.update(
+        prompt="Caption it.",
+        batch_mode="one answer per image",
+        max_new_tokens=6,
+        do_sample=False,
+        image_quality="fast",
+        qwenvl_model=["3", 0],
+        image=["12", 0],
+    )
+    graph = {
+        "10": {"class_type": "LoadImage", "inputs": {"image": a}},
+        "11": {"class_type": "LoadImage", "inputs": {"image": b}},
+        "12": {"class_type": "ImageBatch", "inputs": {"image1": ["10", 0], "image2": ["11", 0]}},
+        "3": {
+            "class_type": "QwenVLFast_LoadModel",
+            "inputs": {**_widget_defaults(load_info), "model": tiny_choice, "keep_model_loaded": True},
+        },
+        "4": {"class_type": "QwenVLFast_Generate", "inputs": gen_inputs},
+    }
+    entry = comfy_server.run(graph, timeout=180)
+    _assert_success(entry, comfy_server)
+    texts = node_ui(entry, "4").get("text")
+    assert isinstance(texts, list) and len(texts) == 2, node_ui(entry, "4")
+    assert all(isinstance(t, str) and t.strip() for t in texts), texts
+
+
+def test_cache_info_runs_every_time(comfy_server):
+    graph = {"1": {"class_type": "QwenVLFast_CacheInfo", "inputs": {"clear_memory": False, "clear_disk": False}}}
+    for _ in range(2):
+        entry = comfy_server.run(graph)
+        _assert_success(entry, comfy_server)
+        cached = [d["nodes"] for name, d in entry["status"]["messages"] if name == "execution_cached"]
+        assert cached and "1" not in cached[0], "CacheInfo was served from ComfyUI's output cache (IS_CHANGED)"
+        info = json.loads(node_ui(entry, "1")["text"][0])
+        assert "memory_entries" in info
+        if info.get("disk_dir"):
+            assert info["disk_dir"].startswith(str(comfy_server.cache_dir)), info["disk_dir"]
