@@ -25,7 +25,8 @@ def _check_versions() -> str | None:
         import torch
         import transformers
     except ImportError as exc:
-        return f"{exc.name} is not installed: run 'pip install -r requirements.txt' in ComfyUI's Python."
+        missing = exc.name or str(exc)
+        return f"cannot import {missing}: run 'pip install -r requirements.txt' in ComfyUI's Python."
     if _version_tuple(torch.__version__) < MIN_TORCH:
         return f"torch {torch.__version__} is too old: Qwen-VL Fast needs torch >= {'.'.join(map(str, MIN_TORCH))}."
     if _version_tuple(transformers.__version__) < MIN_TRANSFORMERS:

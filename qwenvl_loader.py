@@ -40,6 +40,18 @@ else:
 
 log = logging.getLogger("QwenVL-Fast")
 
+
+def _transformers_major() -> int:
+    try:
+        from importlib.metadata import version
+
+        return int(version("transformers").split(".")[0])
+    except Exception:
+        return 5
+
+
+_TRANSFORMERS_MAJOR = _transformers_major()
+
 # ---------------------------------------------------------------------------------------------
 # Known models and families
 # ---------------------------------------------------------------------------------------------
@@ -118,9 +130,9 @@ class FamilyInfo:
         return self.patch_size * self.merge_size
 
 
-def detect_family(config: Any) -> FamilyInfo:
+def detect_family(config: Any, model_type: str | None = None) -> FamilyInfo:
     """The family from the config (never from the folder name)."""
-    model_type = getattr(config, "model_type", None)
+    model_type = model_type or getattr(config, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
         raise QwenVLError(
             f"Unsupported model architecture '{model_type}'. Qwen-VL Fast runs Qwen vision-language models: "
@@ -449,6 +461,25 @@ def _check_folder(path: Path) -> None:
                                  "model repository into the folder.")
 
 
+def _check_architecture(path: Path) -> str:
+    """Refuse a non-Qwen-VL config before transformers spends time (or memory) loading it."""
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise QwenVLError(f"'{path / 'config.json'}' is not valid JSON ({exc}): download it again.") from exc
+    return detect_family(type("RawConfig", (), {"model_type": raw.get("model_type"),
+                                                "vision_config": _Namespace(raw.get("vision_config") or {})})()
+                         ).model_type
+
+
+class _Namespace:
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.patch_size = values.get("patch_size", 14)
+        self.spatial_merge_size = values.get("spatial_merge_size", 2)
+        self.temporal_patch_size = values.get("temporal_patch_size", 2)
+        self.deepstack_visual_indexes = values.get("deepstack_visual_indexes")
+
+
 def _release_memory(device: torch.device | None = None) -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -486,10 +517,7 @@ def load_model(options: LoadOptions) -> QwenVLModel:
     else:
         path = source.path if source.kind == "local" else download_model(source.repo_id or source.name)
         _check_folder(path)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        detect_family(config)
+        model_type = _check_architecture(path)
         kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention, trust_remote_code=False,
                                       use_safetensors=True)
         if quant is not None:
@@ -504,8 +532,9 @@ def load_model(options: LoadOptions) -> QwenVLModel:
         if quant is None:
             model.to(device)
         model.eval()
+        config = model.config
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-    family = detect_family(config)
+    family = detect_family(config, model_type if source.kind != "synthetic" else None)
     loaded = QwenVLModel(
         options=options, source=source, model=model, processor=processor, config=config, family=family,
         device=device, dtype=dtype, attention=attention, load_seconds=time.perf_counter() - t0,
@@ -828,8 +857,11 @@ class QwenVLModel:
                 ip = self.processor.image_processor
                 pix, grids = [], []
                 for m, pil in zip(misses, pils):
-                    out = ip(images=[pil], return_tensors="pt",
-                             size={"shortest_edge": m.budget.min_pixels, "longest_edge": m.budget.max_pixels})
+                    limits: dict[str, Any] = {"size": {"shortest_edge": m.budget.min_pixels,
+                                                       "longest_edge": m.budget.max_pixels}}
+                    if _TRANSFORMERS_MAJOR < 5:  # 4.x reads min_pixels/max_pixels from the call
+                        limits = {"min_pixels": m.budget.min_pixels, "max_pixels": m.budget.max_pixels}
+                    out = ip(images=[pil], return_tensors="pt", **limits)
                     pix.append(out["pixel_values"])
                     grids.append(out["image_grid_thw"])
                 pixel_values = torch.cat(pix)

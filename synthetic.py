@@ -178,15 +178,16 @@ def parse_synthetic_name(name: str) -> tuple[SyntheticPreset, int | None]:
 def build_tokenizer():
     """A byte-level tokenizer with the Qwen chat and vision special tokens (no vocab file needed)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import Qwen2TokenizerFast  # the class the Qwen processors require (4.57 checks it)
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    fast = Qwen2TokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
+        chat_template=CHAT_TEMPLATE,
     )
     return fast
 
@@ -203,6 +204,14 @@ def build_config(preset: SyntheticPreset, text_layers: int | None = None):
     # A wider init than the default keeps random tiny models from emitting one token forever,
     # so that equality of generated text is a meaningful assertion in tests.
     text.setdefault("initializer_range", 0.02 if preset.vocab_size > 100000 else 0.5)
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5 and "rope_parameters" in text:
+        # transformers 4.x spells the rotary settings rope_theta + rope_scaling.
+        rope = dict(text.pop("rope_parameters"))
+        text["rope_theta"] = rope.pop("rope_theta")
+        rope.pop("partial_rotary_factor", None)
+        text["rope_scaling"] = rope
     if text_layers is not None:
         text["num_hidden_layers"] = text_layers
         if "layer_types" in text:
