@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -408,7 +407,7 @@ class QwenVLFastCacheInfo:
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
-        return math.nan  # the statistics change between runs
+        return float("nan")  # a new NaN each time: ComfyUI compares by identity first, math.nan would match
 
     def info(self, clear_memory, clear_disk):
         cache = ql.get_cache(True)

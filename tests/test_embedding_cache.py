@@ -291,3 +291,25 @@ def test_two_processes_share_the_disk_cache(tmp_path):
     for i in range(20):
         got = tier.get(f"k{i}")
         assert got is not None and float(got.embeds[0, 0]) == float(i)
+
+
+def test_digest_memo_works_for_inference_tensors(models_dir, monkeypatch):
+    """ComfyUI hands nodes inference-mode tensors (no version counter): the memo must still work."""
+    model = load(models_dir, "tiny-qwen2.5-vl")
+    count = [0]
+    real = ql.canonical_digest
+
+    def counting(t):
+        count[0] += 1
+        return real(t)
+
+    monkeypatch.setattr(ql, "canonical_digest", counting)
+    with torch.inference_mode():
+        img = [torch.rand(90, 120, 3)]
+        first = model.run(request(img))
+        second = model.run(request(img))
+        assert count[0] == 1 and second.record.images[0]["cache"] == "memory"
+        img[0].mul_(0.5)  # allowed on inference tensors inside inference mode
+        third = model.run(request(img))
+    assert count[0] == 2 and third.record.images[0]["cache"] == "miss"
+    assert first.token_ids == second.token_ids

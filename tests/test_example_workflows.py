@@ -57,7 +57,7 @@ def test_workflow_matches_nodes(path, mappings):
                 assert value in typ, f"{kind}.{name}={value!r} not in {typ}"
         names = [o["name"] for o in node["outputs"]]
         assert names == list(mappings[kind].RETURN_NAMES)
-    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
+    for link_id, src, src_slot, dst, _dst_slot, typ in wf["links"]:
         assert nodes[src]["outputs"][src_slot]["type"] == typ
         assert link_id in (nodes[src]["outputs"][src_slot]["links"] or [])
         target = [i for i in nodes[dst]["inputs"] if i["link"] == link_id]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Every GPU check and the GPU benchmark in one call (for a lent GPU machine; CI has none).
+# Expects wheels in .whl/ (transformers 5.24, diskcache, optionally bitsandbytes) and writes logs to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-old .whl/diskcache-*.whl
+python3 -c "import torch, transformers; print('native:', torch.__version__, transformers.__version__)"
+# 1. The machine's own transformers (5.17, no mm_encoder_outputs: the get_image_features fallback path).
+PYTHONPATH=/tmp/site-old timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py \
+  "tests/test_embedding_cache.py::test_same_tokens_with_cache_off_miss_and_hit" 2>&1 | tee "$OUT/tests_native.log" | tail -15
+# 2. transformers 5.24 (mm_encoder_outputs path), plus the preprocessing CUDA tests.
+PYTHONPATH=/tmp/site timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_preprocess.py \
+  2>&1 | tee "$OUT/tests_524.log" | tail -15
+# 3. The benchmark with the real towers in bf16.
+for m in synthetic:qwen2.5-vl-3b synthetic:qwen3-vl-4b; do
+  tag=$(echo "$m" | tr ':.' '__')
+  PYTHONPATH=/tmp/site timeout 120 python3 benchmark.py --model "$m" --device cuda --dtype bf16 --time-budget 90 \
+    --markdown "$OUT/bench_$tag.md" --json "$OUT/bench_$tag.json" 2>&1 | tail -60 | tee "$OUT/bench_$tag.log"
+done

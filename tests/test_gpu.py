@@ -1,0 +1,113 @@
+"""CUDA paths: skipped on machines without a GPU (CI), run on the GPU machine by .ci/gpu_check.sh."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+
+import pytest
+import torch
+
+import qwenvl_loader as ql
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def load(models_dir, family, **kw):
+    model, _ = ql.MANAGER.get(ql.LoadOptions(model=str(models_dir / family), device="cuda", **kw))
+    return model
+
+
+def req(images, **kw):
+    base = dict(prompt="What is this?", images=images, max_new_tokens=8, min_new_tokens=8, image_quality="fast",
+                monitor=True)
+    base.update(kw)
+    return ql.GenerationRequest(**base)
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5"])
+def test_cuda_bf16_same_tokens_reference_fast_and_hit(models_dir, family):
+    model = load(models_dir, family)
+    assert model.dtype in (torch.bfloat16, torch.float16) and model.device.type == "cuda"
+    imgs = [torch.rand(200, 300, 3), torch.rand(90, 120, 3)]
+    ref = model.run(req(imgs, enable_image_cache=False, preprocess="reference"))
+    miss = model.run(req(imgs))
+    hit = model.run(req(imgs))
+    assert [i["cache"] for i in hit.record.images] == ["memory", "memory"]
+    assert ref.token_ids == miss.token_ids == hit.token_ids
+    assert miss.record.stages["encode"] > 0 and "transfer" in miss.record.stages
+
+
+def test_cuda_upload_is_pinned_and_async(models_dir):
+    import fast_preprocess
+
+    host = [torch.randint(0, 255, (64, 80, 3), dtype=torch.uint8) for _ in range(3)]
+    out = fast_preprocess.upload(host, "cuda")
+    torch.cuda.synchronize()
+    assert all(o.is_cuda for o in out)
+    assert all(torch.equal(o.cpu(), h) for o, h in zip(out, host))
+
+
+def test_cuda_no_host_sync_in_fast_preprocess():
+    import fast_preprocess
+
+    imgs = fast_preprocess.upload([torch.randint(0, 255, (300, 400, 3), dtype=torch.uint8)], "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pv, grid = fast_preprocess.preprocess_images(
+            imgs, [(280, 392)], patch_size=14, merge_size=2, temporal_patch_size=2,
+            image_mean=[0.5] * 3, image_std=[0.5] * 3, device="cuda", dtype=torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert pv.is_cuda and not grid.is_cuda
+
+
+def test_release_frees_vram(models_dir):
+    ql.MANAGER.release()
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    model = load(models_dir, "tiny-qwen2.5-vl")
+    model.run(req([torch.rand(100, 100, 3)]))
+    assert torch.cuda.memory_allocated() > base
+    ql.MANAGER.release()
+    assert torch.cuda.memory_allocated() <= base + 1024 * 1024
+
+
+def test_attention_auto_and_flash_choice(models_dir):
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    model = load(models_dir, "tiny-qwen2.5-vl")
+    assert model.attention == ("flash_attention_2" if has_flash else "sdpa")
+    if not has_flash:
+        with pytest.raises(ql.QwenVLError, match="flash-attn is not installed"):
+            ql.resolve_attention("flash_attention_2", torch.device("cuda"), torch.bfloat16)
+
+
+def test_quantization_4bit(models_dir):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ql.QwenVLError, match="pip install bitsandbytes"):
+            load(models_dir, "tiny-qwen2.5-vl", quantization="4-bit")
+        return
+    model = load(models_dir, "tiny-qwen2.5-vl", quantization="4-bit")
+    result = model.run(req([torch.rand(100, 100, 3)]))
+    assert len(result.token_ids[0]) == 8
+
+
+def test_compile_on_cuda_matches_eager_and_bounds_recompiles(models_dir):
+    import vision_compile
+
+    ok, why = vision_compile.compiler_status(torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"no compiler: {why}")
+    model = load(models_dir, "tiny-qwen2.5-vl")
+    imgs = [torch.rand(200, 300, 3)]
+    eager = model.run(req(imgs, enable_image_cache=False))
+    model.set_compile("on")
+    assert model.compile_report.enabled, model.compile_report.reason
+    with vision_compile.count_recompiles() as counter:
+        for h, w in [(200, 300), (300, 200), (512, 512), (120, 700), (640, 480)]:
+            model.run(req([torch.rand(h, w, 3)], enable_image_cache=False))
+    compiled = model.run(req(imgs, enable_image_cache=False))
+    assert compiled.token_ids == eager.token_ids
+    assert counter.recompiles <= 8, f"{counter.recompiles} recompiles over 5 sizes: {counter.reasons}"
