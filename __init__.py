@@ -8,7 +8,7 @@ import logging
 log = logging.getLogger("QwenVL-Fast")
 
 MIN_TRANSFORMERS = (4, 57)
-MIN_TORCH = (2, 4)
+MIN_TORCH = (2, 5)
 
 
 def _version_tuple(text: str) -> tuple[int, int]:

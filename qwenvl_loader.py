@@ -728,6 +728,7 @@ class GenerationResult:
         return "\n\n".join(self.texts)
 
 
+STREAM_EVERY_TOKENS = 8  # partial text sent to the UI this often: decoding every token would cost more
 _THINK_END = "</think>"
 _THINK_START = "<think>"
 
@@ -1079,10 +1080,16 @@ class QwenVLModel:
         base = part[0] * max_new
         total = part[1] * max_new
 
-        def on_token(_value) -> None:
+        streamed: list[int] = []
+
+        def on_token(value) -> None:
             done_tokens[0] += 1
             if req.on_progress is not None:
                 req.on_progress(base + done_tokens[0], total)
+            if req.on_text is not None:
+                streamed.extend(int(v) for v in value.reshape(-1).tolist())  # a host tensor: no device sync
+                if done_tokens[0] % STREAM_EVERY_TOKENS == 0:
+                    req.on_text(self.tokenizer.decode(streamed, skip_special_tokens=True))
 
         timer = TokenTimer(on_token=on_token)
         restore = None

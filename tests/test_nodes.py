@@ -262,3 +262,15 @@ def test_importing_the_pack_loads_and_writes_nothing(tmp_path):
     assert out.stdout.strip().endswith("ok")
     written = [p for p in home.rglob("*") if p.is_file()]
     assert written == [], f"importing wrote {written}"
+
+
+def test_progress_per_token_and_partial_text(nodes):
+    ql = sys.modules[nodes.__name__.replace(".nodes", ".qwenvl_loader")]
+    steps, parts = [], []
+    req = ql.GenerationRequest(prompt="Go on.", images=ql.split_image_batch(image_batch()), max_new_tokens=20,
+                               min_new_tokens=20, monitor=False, on_progress=lambda s, t: steps.append((s, t)),
+                               on_text=parts.append)
+    result = ql.run_once(ql.LoadOptions(model="tiny-qwen2.5-vl", allow_absolute_path=False), req)
+    assert steps == [(i, 20) for i in range(1, 21)]
+    assert len(parts) == 3  # after tokens 8 and 16, then the final text
+    assert len(result.token_ids[0]) == 20
