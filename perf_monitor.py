@@ -65,6 +65,13 @@ class RunRecord:
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), default=str)
 
+    @classmethod
+    def from_json(cls, text: str) -> "RunRecord":
+        """The record back from ``to_json`` (keys this version does not know are ignored)."""
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
     def summary(self) -> str:
         parts = [f"{k} {v * 1000:.1f}ms" for k, v in self.stages.items() if v > 0]
         hits = sum(1 for i in self.images if i["cache"] in ("memory", "disk"))
@@ -95,6 +102,7 @@ class RunMonitor:
         self.device = device
         self.record = RunRecord()
         self._start = time.perf_counter()
+        self._adds: dict[str, int] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -112,12 +120,15 @@ class RunMonitor:
     def add(self, name: str, seconds: float) -> None:
         if self.enabled:
             self.record.stages[name] = self.record.stages.get(name, 0.0) + seconds
+            self._adds[name] = self._adds.get(name, 0) + 1
 
     def finish(self) -> RunRecord:
         self.record.total_s = time.perf_counter() - self._start
         decode = self.record.stages.get("decode", 0.0)
-        if decode > 0 and self.record.new_tokens > 1:
-            self.record.decode_tokens_per_s = (self.record.new_tokens - 1) / decode
+        # Each generate call (one per answer) produces its first token in prefill, the rest in decode.
+        decoded = self.record.new_tokens - max(1, self._adds.get("prefill", 0))
+        if decode > 0 and decoded > 0:
+            self.record.decode_tokens_per_s = decoded / decode
         return self.record
 
 
@@ -186,13 +197,20 @@ class TipContext:
     expected_decode_tokens_per_s: float | None = None
 
 
+EXPENSIVE_PRESETS = ("high", "ultra", "native")
+
+
 def tip_slow_vision(ctx: TipContext):
     r = ctx.record
     misses = [i for i in r.images if i["cache"] in ("miss", "off")]
     encode = r.stages.get("encode", 0.0) + r.stages.get("preprocess", 0.0)
-    if misses and encode / len(misses) > SLOW_VISION_S_PER_IMAGE and r.quality in ("high", "ultra", "native"):
-        return ("slow_vision", r.quality,
-                f"vision encoding took {encode / len(misses):.1f}s per image at '{r.quality}': "
+    quality = str(r.quality).strip().lower()
+    # Under 'auto' what counts is the preset it chose per image (labels read "auto->ultra").
+    chosen = {str(i.get("preset", "")).split("->")[-1] for i in misses}
+    if (misses and encode / len(misses) > SLOW_VISION_S_PER_IMAGE
+            and (quality in EXPENSIVE_PRESETS or chosen & set(EXPENSIVE_PRESETS))):
+        return ("slow_vision", quality,
+                f"vision encoding took {encode / len(misses):.1f}s per image at '{quality}': "
                 "'balanced' uses about half the visual tokens and 'fast' about a quarter of 'ultra'.")
     return None
 
