@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("QwenVL-Fast")
 
-STAGES = ("load", "hash", "preprocess", "transfer", "encode", "prefill", "decode")
+STAGES = ("load", "hash", "preprocess", "transfer", "encode", "cache", "prompt", "prefill", "decode")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class RunRecord:
     dtype: str = ""
     quantization: str = "none"
     attention: str = ""
+    vision_attention: str = ""
     quality: str = ""
     compile: str = "off"
     compile_warmup_s: float | None = None

@@ -27,7 +27,7 @@ import torch
 
 # Inside ComfyUI the pack is a package (imported by path); scripts and tests import the modules directly.
 if __package__:
-    from . import fast_preprocess, synthetic
+    from . import fast_preprocess, synthetic, vision_attention
     from . import quality_presets as qp
     from .embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
     from .perf_monitor import TIPS, RunMonitor, RunRecord, TokenTimer, report
@@ -35,6 +35,7 @@ else:
     import fast_preprocess
     import quality_presets as qp
     import synthetic
+    import vision_attention
     from embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
     from perf_monitor import TIPS, RunMonitor, RunRecord, TokenTimer, report
 
@@ -213,8 +214,17 @@ def _folder_for_repo(repo_id: str) -> str:
     return repo_id.split("/")[-1]
 
 
+INCOMPLETE_MARKER = ".incomplete"  # written before a download starts, removed when it completes
+
+
 def _is_model_folder(path: Path) -> bool:
-    return (path / "config.json").is_file()
+    """A complete model folder: config.json, and no marker of an interrupted download."""
+    return (path / "config.json").is_file() and not (path / INCOMPLETE_MARKER).exists()
+
+
+def _incomplete_message(path: Path) -> str:
+    return (f"'{path}' is an interrupted download (it holds a '{INCOMPLETE_MARKER}' marker). Pick the model's repo "
+            "name (e.g. Qwen/...) to resume the download, or copy the missing files in and delete the marker.")
 
 
 @dataclass(frozen=True)
@@ -247,6 +257,8 @@ def resolve_model(name: str, dirs: Sequence[Path] | None = None, allow_absolute:
             )
         if _is_model_folder(candidate):
             return ModelSource("local", name, path=candidate)
+        if (candidate / INCOMPLETE_MARKER).exists():
+            raise ModelNotFoundError(_incomplete_message(candidate))
         raise ModelNotFoundError(f"'{candidate}' is not a model folder (no config.json in it).")
     parts = Path(name).parts
     if ".." in parts:
@@ -259,6 +271,8 @@ def resolve_model(name: str, dirs: Sequence[Path] | None = None, allow_absolute:
     if "/" in name and not name.startswith("/"):
         return ModelSource("repo", name, repo_id=name)
     for base in dirs:
+        if (base / name / INCOMPLETE_MARKER).exists():
+            raise ModelNotFoundError(_incomplete_message(base / name))
         if (base / name).is_dir():
             raise ModelNotFoundError(
                 f"'{base / name}' exists but has no config.json: it is not a complete model folder. "
@@ -427,6 +441,8 @@ def quantization_config(quantization: str, device: torch.device, dtype: torch.dt
 
 def _check_folder(path: Path) -> None:
     """Fail early, with the fix, on incomplete or unsafe model folders."""
+    if (path / INCOMPLETE_MARKER).exists():
+        raise ModelNotFoundError(_incomplete_message(path))
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"'{path}' has no config.json: it is not a model folder.")
     weights = list(path.glob("*.safetensors"))
@@ -437,6 +453,15 @@ def _check_folder(path: Path) -> None:
                 "Download the safetensors version of the model."
             )
         raise ModelNotFoundError(f"'{path}' has no *.safetensors weights: download the model's weight files into it.")
+    for index in path.glob("*.safetensors.index.json"):
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise QwenVLError(f"'{index.name}' cannot be read ({exc}): download it again.") from exc
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelNotFoundError(f"'{path}' is missing weight files ({', '.join(missing[:3])}"
+                                     f"{', ...' if len(missing) > 3 else ''}): download them again.")
     for w in weights:
         try:
             with open(w, "rb") as f:
@@ -534,11 +559,24 @@ def load_model(options: LoadOptions) -> QwenVLModel:
         model.eval()
         config = model.config
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        if not getattr(processor, "chat_template", None):
+            # Some repos keep the template in tokenizer_config.json only; without any, every run would fail.
+            tokenizer_template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+            if not tokenizer_template:
+                raise ModelNotFoundError(
+                    f"'{path}' has no chat template (chat_template.jinja or chat_template.json): copy it from the "
+                    "model repository into the folder."
+                )
+            processor.chat_template = tokenizer_template
     family = detect_family(config, model_type if source.kind != "synthetic" else None)
     loaded = QwenVLModel(
         options=options, source=source, model=model, processor=processor, config=config, family=family,
         device=device, dtype=dtype, attention=attention, load_seconds=time.perf_counter() - t0,
     )
+    if attention == "sdpa" and os.environ.get("QWENVL_FAST_GROUPED_VISION_ATTENTION", "1") != "0":
+        # Same arithmetic as transformers' per-window SDPA loop, in a few batched calls (vision_attention.py).
+        if vision_attention.enable_grouped_vision_attention(model):
+            loaded.vision_attention = "grouped sdpa"
     if options.compile_vision != "off":
         loaded.set_compile(options.compile_vision)
     return loaded
@@ -744,6 +782,12 @@ def split_thinking(raw: str) -> tuple[str, str]:
     return raw.strip(), ""
 
 
+def _check_stop(req: GenerationRequest, rec: RunRecord) -> None:
+    if req.should_stop is not None and req.should_stop():
+        rec.interrupted = True
+        raise GenerationInterrupted("Generation was interrupted.")
+
+
 class _StopFlag:
     """A stopping criterion that polls the caller's interrupt flag once per generated token."""
 
@@ -775,6 +819,7 @@ class QwenVLModel:
         self.fingerprint = model_fingerprint(source, config)
         self.use_mm_encoder_outputs = _supports_mm_encoder_outputs(model)
         self.compile_report = None
+        self.vision_attention = attention
         self.usable = True
         self._lock = threading.Lock()
         self.vision_calls = 0
@@ -904,9 +949,11 @@ class QwenVLModel:
 
     # -- prompt ----------------------------------------------------------------------------
     def _clean_user_text(self, text: str) -> str:
-        cleaned = text
-        for tok in self._reserved:
-            cleaned = cleaned.replace(tok, "")
+        cleaned, previous = text, None
+        while cleaned != previous:  # until stable: removing one token must not join the pieces of another
+            previous = cleaned
+            for tok in self._reserved:
+                cleaned = cleaned.replace(tok, "")
         if cleaned != text:
             log.warning("[QwenVL-Fast] removed chat-template control tokens from the prompt text")
         return cleaned
@@ -980,7 +1027,8 @@ class QwenVLModel:
         rec.dtype = str(self.dtype).replace("torch.", "")
         rec.quantization = self.options.quantization
         rec.attention = self.attention
-        rec.quality = str(req.image_quality)
+        rec.vision_attention = self.vision_attention
+        rec.quality = qp.validate_quality(req.image_quality)
         if self.compile_report is not None:
             rec.compile = "on" if self.compile_report.enabled else f"off ({self.compile_report.reason})"
             rec.compile_warmup_s = getattr(self.compile_report, "warmup_s", None)
@@ -995,6 +1043,7 @@ class QwenVLModel:
                 for m in misses:
                     if m.canonical is None:
                         m.canonical = canonicalize_image(req.images[m.index])
+                _check_stop(req, rec)  # before the vision tower: an interrupt must not cost a whole encode
                 pixel_values, grid = self._pixel_values(misses, req, mon)
                 with mon.stage("encode"), torch.inference_mode():
                     t0 = time.perf_counter()
@@ -1008,8 +1057,10 @@ class QwenVLModel:
                     m.embedding = emb
                     m.tier = "miss" if cache is not None else "off"
                     m.canonical = None
-                    if cache is not None:
-                        cache.put(m.key, emb)
+                if cache is not None:
+                    with mon.stage("cache"):
+                        for m in misses:
+                            cache.put(m.key, m.embedding)
             for p in prepared:
                 rec.images.append({
                     "index": p.index, "size_in": list(p.size_in), "size_resized": list(p.size),
@@ -1023,6 +1074,7 @@ class QwenVLModel:
                 groups = [prepared]
             texts, thoughts, token_ids = [], [], []
             for n, group in enumerate(groups):
+                _check_stop(req, rec)  # before each prefill
                 raw, ids = self._generate(req, group, mon, part=(n, len(groups)))
                 token_ids.append(ids)
                 answer, thinking = split_thinking(raw)
@@ -1042,7 +1094,8 @@ class QwenVLModel:
     def _generate(self, req: GenerationRequest, group: list[PreparedImage], mon: RunMonitor,
                   part: tuple[int, int]) -> tuple[str, list[int]]:
         rec = mon.record
-        inputs = self.build_inputs(req.prompt, req.system_prompt, group)
+        with mon.stage("prompt"):
+            inputs = self.build_inputs(req.prompt, req.system_prompt, group)
         prompt_len = int(inputs["input_ids"].shape[1])
         rec.prompt_tokens += prompt_len
         max_new = int(req.max_new_tokens)
@@ -1181,7 +1234,7 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
     rec = result.record
     rec.model_loaded_this_run = loaded_now
     rec.keep_model_loaded = keep_model_loaded
-    if loaded_now:
+    if loaded_now and request.monitor:
         rec.stages = {"load": load_s, **rec.stages}
         rec.total_s += load_s
     TIPS.observe(rec, request.enable_image_cache)
@@ -1195,6 +1248,7 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
                                     and not model.compile_report.enabled else None),
         gpu_total_bytes=gpu_total,
         model_bf16_bytes=_bf16_bytes(model) if options.quantization != "none" else None,
+        expected_decode_tokens_per_s=_expected_decode_tokens_per_s(model),
     )
     rec.tips = TIPS.tips(ctx)
     if request.monitor:
@@ -1202,6 +1256,20 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
     if not keep_model_loaded:
         manager.release()
     return result
+
+
+def _expected_decode_tokens_per_s(model: QwenVLModel) -> float | None:
+    """Memory-bound decode estimate: GPU memory bandwidth / bytes of weights read per token."""
+    if model.device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(model.device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    bandwidth = clock_khz * 1000 * 2 * bus_bits / 8  # double data rate
+    weights = model.param_bytes()
+    return bandwidth / weights if weights else None
 
 
 def _bf16_bytes(model: QwenVLModel) -> int:
