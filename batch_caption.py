@@ -61,7 +61,10 @@ def caption_folder(
     results: list[CaptionResult] = []
     todo: list[Path] = []
     for f in files:
-        if write_txt and f.with_suffix(".txt").exists() and not overwrite:
+        if write_txt and f.with_suffix(".txt").is_symlink():
+            # Writing through a link could change a file outside the folder; reading it would leak one.
+            results.append(CaptionResult(f, "", "error: its .txt is a link; not written (make it a plain file)"))
+        elif write_txt and f.with_suffix(".txt").exists() and not overwrite:
             results.append(CaptionResult(f, f.with_suffix(".txt").read_text(encoding="utf-8"), "skipped"))
         else:
             todo.append(f)
