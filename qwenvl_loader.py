@@ -265,8 +265,10 @@ def resolve_model(name: str, dirs: Sequence[Path] | None = None, allow_absolute:
         raise ModelNotFoundError(f"'{name}' contains '..'; model names must stay inside the LLM model folders.")
     for base in dirs:
         for rel in (name, _folder_for_repo(name)):
-            path = (base / rel).resolve()
-            if path.is_relative_to(base.resolve()) and _is_model_folder(path):
+            # The name (no '..', not absolute) keeps the lexical path inside the model folder; a symlink the
+            # user put there (models on another drive) is their choice and is followed.
+            path = Path(os.path.normpath(base / rel))
+            if path.is_relative_to(Path(os.path.normpath(base))) and _is_model_folder(path):
                 return ModelSource("local", name, path=path)
     if "/" in name and not name.startswith("/"):
         return ModelSource("repo", name, repo_id=name)

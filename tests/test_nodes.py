@@ -274,3 +274,16 @@ def test_progress_per_token_and_partial_text(nodes):
     assert steps == [(i, 20) for i in range(1, 21)]
     assert len(parts) == 3  # after tokens 8 and 16, then the final text
     assert len(result.token_ids[0]) == 20
+
+
+def test_symlinked_model_folder_is_usable(nodes, models_dir, tmp_path, monkeypatch):
+    """Users keep models on another drive and link them into models/LLM."""
+    import os
+
+    llm = tmp_path / "LLM"
+    llm.mkdir()
+    os.symlink(models_dir / "tiny-qwen2.5-vl", llm / "linked-model")
+    monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(llm))
+    assert "linked-model" in nodes.QwenVLFastRun.INPUT_TYPES()["required"]["model"][0]
+    texts, _, timing, _ = run_node(nodes, "linked-model", image_batch())
+    assert timing["new_tokens"] >= 1
