@@ -36,7 +36,12 @@ def _check_versions() -> str | None:
 
 
 _problem = _check_versions()
-if _problem is None:
+if not __package__:
+    # Imported as a plain module, not as ComfyUI's custom-node package: pytest does this to a checkout whose
+    # folder name is not an identifier (e.g. "ComfyUI-QwenVL-Fast"). There are no nodes to register then.
+    NODE_CLASS_MAPPINGS = {}
+    NODE_DISPLAY_NAME_MAPPINGS = {}
+elif _problem is None:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 else:
     log.error("[QwenVL-Fast] nodes not loaded: %s", _problem)
