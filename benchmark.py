@@ -39,6 +39,7 @@ would start after it; the compile child is bounded by ``--compile-budget`` and k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -64,6 +65,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import fast_preprocess  # noqa: E402
 import quality_presets as qp  # noqa: E402
 import qwenvl_loader as ql  # noqa: E402
 from embedding_cache import canonical_digest  # noqa: E402
@@ -74,7 +76,7 @@ log = logging.getLogger("QwenVL-Fast")
 PRESETS = ["ultra", "high", "balanced", "fast"]
 PROMPT = "Describe this image in detail."
 CHILD_MARK = "BENCH_CHILD_RESULT "
-SECTIONS = ["single", "hash", "multi", "e2e", "disk", "compile"]
+SECTIONS = ["single", "hash", "multi", "attention", "e2e", "disk", "compile"]
 QUICK_MODELS = ["synthetic:tiny-qwen2.5-vl", "synthetic:tiny-qwen3-vl"]
 CPU_MODEL = "synthetic:qwen2.5-vl-3b@1"
 GPU_MODEL = "synthetic:qwen2.5-vl-3b"
@@ -202,6 +204,8 @@ def row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         "hash.memo": ("hash", "same tensor again (digest memo lookup)"),
         "multi.one_by_one": ("multi", f"{N_MULTI} images, `{q}`, one by one ({N_MULTI} encode calls)"),
         "multi.batched": ("multi", f"{N_MULTI} images, `{q}`, batched (1 encode call)"),
+        "attention.per_window": ("attention", "transformers' vision attention (one SDPA call per window)"),
+        "attention.grouped": ("attention", "pack: grouped SDPA (equal windows batched)"),
         "e2e.reference": ("e2e", f"reference: processor (CPU, ultra) + generate, no cache, {n} new tokens"),
         "e2e.pack_miss": ("e2e", f"pack: `balanced`, cache miss, {n} new tokens"),
         "e2e.pack_hit": ("e2e", f"pack: `balanced`, cache hit (memory), {n} new tokens"),
@@ -500,6 +504,43 @@ class ModelBench:
             base = got["one_by_one"][self.basis]
             for v in variants:
                 self.add(self.rows[f"multi.{v}"], **got[v], speedup_vs_one_by_one=base / got[v][self.basis])
+        self.finish_rows([i for i, _, _ in ids], "no round finished within --time-budget")
+
+    # -- section: vision attention (transformers' per-window SDPA vs the pack's grouped SDPA) -------
+    def section_attention(self) -> None:
+        ids = self.ids("attention.per_window", "attention.grouped")
+        if not self.budget.allows():
+            return self.skip_section(ids, "--time-budget reached")
+        if getattr(self.qm, "vision_attention", None) != "grouped sdpa":
+            return self.skip_section(ids, f"grouped SDPA not in use (vision attention: {self.qm.vision_attention})")
+        q = self.args.multi_quality
+        img = make_image(self.size, self.args.seed, 99)
+        canonical = ql.canonicalize_image(img)
+        lo, hi = qp.preset_pixels(q, self.qm.family.factor)
+        size = qp.smart_resize(int(canonical.shape[0]), int(canonical.shape[1]), self.qm.family.factor, lo, hi)
+        pv, grid = fast_preprocess.preprocess_images(
+            fast_preprocess.upload([canonical], self.qm.device), [size], patch_size=self.qm.family.patch_size,
+            merge_size=self.qm.family.merge_size, temporal_patch_size=self.qm.family.temporal_patch_size,
+            image_mean=self.qm.image_mean, image_std=self.qm.image_std, device=self.qm.device,
+            dtype=self.qm.visual_dtype)
+        grid_dev = grid.to(self.qm.device)
+        outputs: dict[str, torch.Tensor] = {}
+        for r, warm in self.rounds("vision attention", int(self.args.repeats)):
+            got: dict[str, dict[str, float]] = {}
+            for v in (["per_window", "grouped"] if r % 2 == 0 else ["grouped", "per_window"]):
+                ctx = self.stock_attention() if v == "per_window" else contextlib.nullcontext()
+                with ctx, self.clock.time() as t, torch.inference_mode():
+                    out = self.qm.visual(pv, grid_thw=grid_dev)
+                outputs[v] = (out.pooler_output if hasattr(out, "pooler_output") else out).float()
+                got[v] = dict(time_s=t["wall"], cpu_s=t["cpu"])
+            if warm:
+                continue
+            base = got["per_window"][self.basis]
+            for v in ("per_window", "grouped"):
+                self.add(self.rows[f"attention.{v}"], **got[v], speedup=base / got[v][self.basis])
+        if outputs:
+            diff = float((outputs["per_window"] - outputs["grouped"]).abs().max())
+            self.rows["attention.grouped"].info["max_abs_diff"] = diff
         self.finish_rows([i for i, _, _ in ids], "no round finished within --time-budget")
 
     # -- section 4: end to end -------------------------------------------------------------------
@@ -913,6 +954,19 @@ def model_markdown(entry: dict[str, Any], args: argparse.Namespace) -> str:
             "(~1.7 s per image). Here the same preset is compared batched vs one image per encode call.", ""]
     out += status_note([g("multi.one_by_one"), g("multi.batched")])
 
+    out += ["", f"### Vision attention without flash-attn (one {size}x{size} image, `{args.multi_quality}`, "
+            "encode only)", "",
+            f"| Attention | Encode |{cpu_head} Speedup |", f"|---|---|{cpu_rule}---|"]
+    for v in ("per_window", "grouped"):
+        r = g(f"attention.{v}")
+        out.append(f"| {r.label if r else v} | {cell(r, 'time_s')} |{cpu(r)} {cell(r, 'speedup', 'ratio')} |")
+    grouped_row = g("attention.grouped")
+    if grouped_row is not None and "max_abs_diff" in grouped_row.info:
+        out += ["", f"Same inputs, alternated within each round; max |grouped - per-window| = "
+                f"{grouped_row.info['max_abs_diff']:.1e}."]
+    out += [""]
+    out += status_note([g("attention.per_window"), grouped_row])
+
     out += ["", f"### Reference path vs pack path (one {size}x{size} image)", "",
             f"| Path | Visual tokens | Preprocess | Transfer | Encode | Total |{cpu_head} Speedup vs reference |",
             f"|---|---|---|---|---|---|{cpu_rule}---|"]
@@ -1127,7 +1181,8 @@ def bench_model(name: str, args: argparse.Namespace, budget: TimeBudget, entry: 
     try:
         bench.warm_start()
         for section, fn in (("single", bench.section_single), ("hash", bench.section_hash),
-                            ("multi", bench.section_multi), ("e2e", bench.section_e2e)):
+                            ("multi", bench.section_multi), ("attention", bench.section_attention),
+                            ("e2e", bench.section_e2e)):
             if section in args.skip:
                 entry["notes"].append(f"section '{section}' skipped (--skip)")
                 continue
