@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if ql.synthetic.is_synthetic_name(args.model):
         print("(synthetic model with random weights: the text below is meaningless; the timings are real)")
     for i, text in enumerate(result.texts):
-        print(f"--- answer {i + 1} ---\n{text}")
+        shown = text if text.strip() else "(no printable text: the tokens generated were whitespace or control tokens)"
+        count = len(result.token_ids[i]) if i < len(result.token_ids) else 0
+        print(f"--- answer {i + 1} ({count} tokens) ---\n{shown}")
         if result.thinking[i]:
             print(f"--- reasoning {i + 1} ---\n{result.thinking[i]}")
     return 0  # the timing summary and tips were logged by the engine
