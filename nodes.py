@@ -285,14 +285,19 @@ def _options(model: str, quantization: str, attention_mode: str, dtype: str = "a
 # ---------------------------------------------------------------------------------------------
 
 
-class QwenVLFastRun:
-    DESCRIPTION = "Load a Qwen-VL model (kept between runs) and answer a prompt about the connected image(s)."
+class _AnswerNode:
+    """What the Run and Generate nodes share: their outputs, shown on the node and kept in /history."""
+
     CATEGORY = CATEGORY
-    FUNCTION = "run"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING", "STRING")
     RETURN_NAMES = ("text", "thinking", "timing")
     OUTPUT_IS_LIST = (True, True, False)
+
+
+class QwenVLFastRun(_AnswerNode):
+    DESCRIPTION = "Load a Qwen-VL model (kept between runs) and answer a prompt about the connected image(s)."
+    FUNCTION = "run"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -358,14 +363,9 @@ class QwenVLFastLoadModel:
         return (QwenVLHandle(options, keep_model_loaded),)
 
 
-class QwenVLFastGenerate:
+class QwenVLFastGenerate(_AnswerNode):
     DESCRIPTION = "Answer a prompt about the connected image(s) with a model from Load Model."
-    CATEGORY = CATEGORY
     FUNCTION = "generate"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING", "STRING")
-    RETURN_NAMES = ("text", "thinking", "timing")
-    OUTPUT_IS_LIST = (True, True, False)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -38,6 +38,19 @@ def count_vision_calls(model):
     return calls, handle
 
 
+def count_digests(monkeypatch) -> list[int]:
+    """Counts how often the engine hashes an image (a one-element list, read after the runs)."""
+    count = [0]
+    real = ql.canonical_digest
+
+    def counting(t):
+        count[0] += 1
+        return real(t)
+
+    monkeypatch.setattr(ql, "canonical_digest", counting)
+    return count
+
+
 def images(n, seed=0, h=90, w=120):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(h, w, 3, generator=g) for _ in range(n)]
@@ -209,14 +222,7 @@ def test_different_models_never_share(models_dir):
 
 def test_digest_is_memoised_per_tensor(models_dir, monkeypatch):
     model = load(models_dir, "tiny-qwen2.5-vl")
-    count = [0]
-    real = ql.canonical_digest
-
-    def counting(t):
-        count[0] += 1
-        return real(t)
-
-    monkeypatch.setattr(ql, "canonical_digest", counting)
+    count = count_digests(monkeypatch)
     img = images(1)
     model.run(request(img))
     model.run(request(img))
@@ -296,14 +302,7 @@ def test_two_processes_share_the_disk_cache(tmp_path):
 def test_digest_memo_works_for_inference_tensors(models_dir, monkeypatch):
     """ComfyUI hands nodes inference-mode tensors (no version counter): the memo must still work."""
     model = load(models_dir, "tiny-qwen2.5-vl")
-    count = [0]
-    real = ql.canonical_digest
-
-    def counting(t):
-        count[0] += 1
-        return real(t)
-
-    monkeypatch.setattr(ql, "canonical_digest", counting)
+    count = count_digests(monkeypatch)
     with torch.inference_mode():
         img = [torch.rand(90, 120, 3)]
         first = model.run(request(img))
