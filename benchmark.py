@@ -619,12 +619,16 @@ def child_disk(spec: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _child_disk_job(spec: dict[str, Any]) -> dict[str, Any]:
+def _child_setup(spec: dict[str, Any]):
+    """A child process's model (load time measured apart), clock and test image."""
     t0 = time.perf_counter()
     qm = ql.load_model(ql.LoadOptions(model=spec["model"], dtype=spec["dtype"], device=spec["device"]))
     load_s = time.perf_counter() - t0
-    clock = Clock(qm.device)
-    img = make_image(spec["size"], spec["seed"], spec["k"])
+    return qm, load_s, Clock(qm.device), make_image(spec["size"], spec["seed"], spec["k"])
+
+
+def _child_disk_job(spec: dict[str, Any]) -> dict[str, Any]:
+    qm, load_s, clock, img = _child_setup(spec)
     cache = ql.get_cache(True)
     times, cpus, tiers = [], [], []
     for _ in range(int(spec["repeats"])):
@@ -645,11 +649,7 @@ def _child_disk_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_compile(spec: dict[str, Any]) -> dict[str, Any]:
     """Encode one image eager vs compiled (steady state, alternated); warm-up reported separately."""
-    t0 = time.perf_counter()
-    qm = ql.load_model(ql.LoadOptions(model=spec["model"], dtype=spec["dtype"], device=spec["device"]))
-    load_s = time.perf_counter() - t0
-    clock = Clock(qm.device)
-    img = make_image(spec["size"], spec["seed"], spec["k"])
+    qm, load_s, clock, img = _child_setup(spec)
     req = ql.GenerationRequest(prompt=PROMPT, images=[img], image_quality=spec["quality"], enable_image_cache=False)
     mon = RunMonitor(enabled=False)
     prepared = qm._prepare([img], req, None, mon)

@@ -820,6 +820,10 @@ class QwenVLModel:
         self.load_seconds = load_seconds
         self.fingerprint = model_fingerprint(source, config)
         self.use_mm_encoder_outputs = _supports_mm_encoder_outputs(model)
+        # Read once: these describe the model class, and build_inputs runs on every generation.
+        self._takes_mm_token_type_ids = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+        self._deepstack_output_cls = getattr(inspect.getmodule(type(model.model)),
+                                             "BaseModelOutputWithDeepstackFeatures", None)
         self.compile_report = None
         self.vision_attention = attention
         self.usable = True
@@ -979,7 +983,7 @@ class QwenVLModel:
         enc = self.tokenizer(out, return_tensors="pt", add_special_tokens=False)
         ids = enc["input_ids"]
         inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"]}
-        if "mm_token_type_ids" in inspect.signature(self.model.forward).parameters:
+        if self._takes_mm_token_type_ids:
             inputs["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
         if images:
             inputs["image_grid_thw"] = torch.tensor([img.grid for img in images], dtype=torch.long)
@@ -988,8 +992,7 @@ class QwenVLModel:
     def _encoder_outputs(self, embeddings: list[ImageEmbedding]):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        module = inspect.getmodule(type(self.model.model))
-        deep_cls = getattr(module, "BaseModelOutputWithDeepstackFeatures", None)
+        deep_cls = self._deepstack_output_cls
         pooled = tuple(e.embeds for e in embeddings)
         if self.family.deepstack_levels and deep_cls is not None:
             levels = [tuple(e.deepstack[i] for e in embeddings) for i in range(self.family.deepstack_levels)]
@@ -1007,8 +1010,7 @@ class QwenVLModel:
             return (pooled, deep) if self.family.deepstack_levels else pooled
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        module = inspect.getmodule(type(self.model.model))
-        deep_cls = getattr(module, "BaseModelOutputWithDeepstackFeatures", None)
+        deep_cls = self._deepstack_output_cls
         if self.family.deepstack_levels and deep_cls is not None:
             return deep_cls(pooler_output=pooled, deepstack_features=deep)
         return BaseModelOutputWithPooling(pooler_output=pooled)

@@ -23,6 +23,24 @@ def _supported(names):
 TINY_FAMILIES = _supported(ALL_TINY_FAMILIES)
 
 
+def load_tiny(models_dir, family, **options):
+    """A tiny test model through the process-wide manager (reused while the options are the same)."""
+    import qwenvl_loader as ql
+
+    model, _ = ql.MANAGER.get(ql.LoadOptions(model=str(models_dir / family), **options))
+    return model
+
+
+def tiny_request(images, **overrides):
+    """A request that always generates exactly 8 tokens at the `fast` preset (overridable)."""
+    import qwenvl_loader as ql
+
+    base = dict(prompt="What is this?", images=images, max_new_tokens=8, min_new_tokens=8, image_quality="fast",
+                monitor=False)
+    base.update(overrides)
+    return ql.GenerationRequest(**base)
+
+
 def pytest_configure(config):
     for marker, text in [
         ("slow", "slow tests (torch.compile); run in CI"),

@@ -16,26 +16,15 @@ import uuid
 
 import pytest
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from .comfy_server import (
-        SHOW_TEXT_NODE,
-        ComfyError,
-        ComfyServer,
-        comfyui_missing_reason,
-        execution_error,
-        node_ui,
-        was_interrupted,
-    )
-except ImportError:
-    from comfy_server import (
-        SHOW_TEXT_NODE,
-        ComfyError,
-        ComfyServer,
-        comfyui_missing_reason,
-        execution_error,
-        node_ui,
-        was_interrupted,
-    )
+from comfy_server import (
+    SHOW_TEXT_NODE,
+    ComfyError,
+    ComfyServer,
+    comfyui_missing_reason,
+    execution_error,
+    node_ui,
+    was_interrupted,
+)
 
 pytestmark = pytest.mark.comfyui
 

@@ -12,19 +12,10 @@ import torch
 
 import embedding_cache as ec
 import qwenvl_loader as ql
-from conftest import ROOT, TINY_FAMILIES
+from conftest import ROOT, TINY_FAMILIES, load_tiny, tiny_request
 
-
-def load(models_dir, family):
-    model, _ = ql.MANAGER.get(ql.LoadOptions(model=str(models_dir / family)))
-    return model
-
-
-def request(images, **kw):
-    base = dict(prompt="What is this?", images=images, max_new_tokens=8, min_new_tokens=8, image_quality="fast",
-                monitor=False)
-    base.update(kw)
-    return ql.GenerationRequest(**base)
+load = load_tiny
+request = tiny_request
 
 
 def count_vision_calls(model):

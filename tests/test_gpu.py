@@ -9,20 +9,17 @@ import pytest
 import torch
 
 import qwenvl_loader as ql
+from conftest import load_tiny, tiny_request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def load(models_dir, family, **kw):
-    model, _ = ql.MANAGER.get(ql.LoadOptions(model=str(models_dir / family), device="cuda", **kw))
-    return model
+    return load_tiny(models_dir, family, device="cuda", **kw)
 
 
 def req(images, **kw):
-    base = dict(prompt="What is this?", images=images, max_new_tokens=8, min_new_tokens=8, image_quality="fast",
-                monitor=True)
-    base.update(kw)
-    return ql.GenerationRequest(**base)
+    return tiny_request(images, **{"monitor": True, **kw})
 
 
 @pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5"])
