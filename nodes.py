@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import comfy_model_manager
 from . import quality_presets as qp
 from . import qwenvl_loader as ql
 from .embedding_cache import CACHE_DIR_ENV
@@ -47,106 +48,14 @@ def _register_model_folder() -> None:
 
 _register_model_folder()
 
-# ---------------------------------------------------------------------------------------------
-# ComfyUI model management: a ModelPatcher whose "unload" releases our model for real.
-# ---------------------------------------------------------------------------------------------
-
-_PATCHERS: dict[int, Any] = {}
-
-
-def _make_patcher(model: ql.QwenVLModel):
-    """Register the loaded model with ComfyUI so /free, "Unload models" and VRAM pressure release it."""
-    if mm is None:
-        return None
+# ComfyUI model management: "Unload models", POST /free and VRAM pressure release the model
+# (design and reasons in comfy_model_manager.py).
+if mm is not None:
     try:
         from comfy.model_patcher import ModelPatcher  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-
-    class QwenVLPatcher(ModelPatcher):
-        """ComfyUI moves an unloaded model to the offload device; we drop it instead (it reloads on demand)."""
-
-        def _release(self) -> None:
-            if ql.MANAGER.current is not None and ql.MANAGER.current.model is self.model:
-                log.info("[QwenVL-Fast] ComfyUI asked to unload the model; releasing it")
-                ql.MANAGER.release()
-            _PATCHERS.pop(id(self), None)
-
-        # Newer ComfyUI
-        def detach(self, unpatch_all: bool = True):  # noqa: D401
-            self._release()
-            return self.model
-
-        def partially_load(self, *args, **kwargs):
-            return 0
-
-        def partially_unload(self, *args, **kwargs):
-            self._release()
-            return self.model_size()
-
-        # March-2024 ComfyUI and newer
-        def unpatch_model(self, device_to=None, *args, **kwargs):
-            self._release()
-
-        def patch_model(self, *args, **kwargs):
-            return self.model
-
-        def patch_model_lowvram(self, *args, **kwargs):
-            return self.model
-
-        def model_patches_to(self, device):
-            return None
-
-        def model_dtype(self):
-            return model.dtype
-
-    size = model.param_bytes()
-    load_device = mm.get_torch_device() if model.device.type != "cpu" else torch.device("cpu")
-    patcher = QwenVLPatcher(model.model, load_device=load_device, offload_device=torch.device("cpu"), size=size)
-    try:
-        mm.load_models_gpu([patcher])
-    except Exception as exc:  # an API drift must not break generation
-        log.warning("[QwenVL-Fast] could not register the model with ComfyUI's model manager: %s", exc)
-    _PATCHERS[id(patcher)] = patcher
-    return patcher
-
-
-def _free_vram_for(options: ql.LoadOptions) -> None:
-    """Ask ComfyUI to move other models out before ours loads."""
-    if mm is None:
-        return
-    try:
-        source = ql.resolve_model(options.model, allow_absolute=False)
-        if source.path is None:
-            return
-        need = sum(p.stat().st_size for p in source.path.glob("*.safetensors"))
-        device = mm.get_torch_device()
-        if getattr(device, "type", "cpu") != "cpu":
-            mm.free_memory(need * 1.2, device)
-    except Exception:
-        pass
-
-
-def acquire(options: ql.LoadOptions) -> tuple[ql.QwenVLModel, bool]:
-    current = ql.MANAGER.current
-    if current is not None and current.options == options and current.usable:
-        return current, False
-    _free_vram_for(options)
-    model, loaded_now = ql.MANAGER.get(options)
-    if loaded_now:
-        _make_patcher(model)
-    return model, loaded_now
-
-
-def _soft_empty_cache() -> None:
-    if mm is not None:
-        try:
-            mm.soft_empty_cache()
-        except Exception:
-            pass
-
-
-ql.MANAGER.on_release.append(_soft_empty_cache)
+    except ImportError:  # pragma: no cover - every ComfyUI since 2023 has it
+        ModelPatcher = None
+    comfy_model_manager.install(ql.MANAGER, mm, ModelPatcher)
 
 # ---------------------------------------------------------------------------------------------
 # Shared run logic
@@ -161,6 +70,12 @@ def _device_choice(device: str) -> str:
 
 def _interrupted() -> bool:
     return bool(mm is not None and mm.processing_interrupted())
+
+
+def _raise_comfyui_interrupt() -> None:
+    """Turn the engine's interruption into ComfyUI's own, so the run ends as interrupted, not failed."""
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
 
 
 def _progress_callbacks(unique_id: str | None):
@@ -203,15 +118,11 @@ def run_generation(
     )
     if image is not None and not request.images:
         raise ql.QwenVLError("The image input is an empty batch: connect at least one image, or disconnect it.")
-    model, loaded_now = acquire(options)
-    manager = ql.MANAGER
     try:
-        result = ql.run_once(options, request, keep_model_loaded=keep_model_loaded, manager=manager)
+        result = ql.run_once(options, request, keep_model_loaded=keep_model_loaded, manager=ql.MANAGER)
     except ql.GenerationInterrupted:
-        if mm is not None:
-            mm.throw_exception_if_processing_interrupted()
+        _raise_comfyui_interrupt()
         raise
-    result.record.model_loaded_this_run = result.record.model_loaded_this_run or loaded_now
     timing = result.record.to_json()
     return {
         "ui": {"text": list(result.texts), "timing": [timing]},
@@ -359,7 +270,7 @@ class QwenVLFastLoadModel:
 
     def load(self, model, quantization, attention_mode, dtype, device, compile_vision, keep_model_loaded):
         options = _options(model, quantization, attention_mode, dtype, device, compile_vision)
-        acquire(options)  # load now, so that a broken model fails at this node
+        ql.MANAGER.get(options)  # load now, so that a broken model fails at this node
         return (QwenVLHandle(options, keep_model_loaded),)
 
 
@@ -417,8 +328,6 @@ class QwenVLFastCacheInfo:
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
-
-
 class QwenVLFastCaptionFolder:
     DESCRIPTION = ("Caption every image file of a folder, optionally writing a .txt beside each; files that already "
                    "have a .txt are skipped unless overwrite is on.")
@@ -454,19 +363,25 @@ class QwenVLFastCaptionFolder:
 
         if not isinstance(qwenvl_model, QwenVLHandle):
             raise ql.QwenVLError("qwenvl_model must come from a 'Qwen-VL Fast Load Model' node.")
-        model, _ = acquire(qwenvl_model.options)
+        model, _ = ql.MANAGER.get(qwenvl_model.options)
         bar = comfy_utils.ProgressBar(1) if comfy_utils is not None else None
 
         def on_file(done: int, total: int) -> None:
             if bar is not None:
                 bar.update_absolute(done, total)
 
-        results = caption_folder(
-            model, Path(folder), prompt=prompt, image_quality=image_quality, max_new_tokens=max_new_tokens,
-            write_txt=write_txt, overwrite=overwrite, seed=seed, should_stop=_interrupted, on_file=on_file,
-        )
-        if mm is not None:
-            mm.throw_exception_if_processing_interrupted()
+        try:
+            results = caption_folder(
+                model, Path(folder), prompt=prompt, image_quality=image_quality, max_new_tokens=max_new_tokens,
+                write_txt=write_txt, overwrite=overwrite, seed=seed, should_stop=_interrupted, on_file=on_file,
+            )
+        except ql.GenerationInterrupted:
+            _raise_comfyui_interrupt()
+            raise
+        finally:
+            if not qwenvl_model.keep_model_loaded:
+                ql.MANAGER.release()
+        _raise_comfyui_interrupt()
         captions = [r.caption for r in results]
         files = [str(r.path) for r in results]
         summary = [f"{r.path.name}: {r.status}" for r in results]

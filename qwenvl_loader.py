@@ -585,13 +585,28 @@ def load_model(options: LoadOptions) -> QwenVLModel:
 
 
 class ModelManager:
-    """Keeps one model loaded; a different request releases the previous one first."""
+    """Keeps one model loaded; a different request releases the previous one first.
+
+    Hooks let a host (ComfyUI, see ``comfy_model_manager.py``) follow the model's life without the
+    engine importing it: ``before_load(options)`` to make room, ``on_load(model)`` right after a load,
+    ``on_release(model)`` right after a release. A failing hook is logged, never raised.
+    """
 
     def __init__(self) -> None:
         self.current: QwenVLModel | None = None
         self._lock = threading.RLock()
         self.load_count = 0
-        self.on_release: list[Callable[[], None]] = []
+        self.before_load: list[Callable[[LoadOptions], None]] = []
+        self.on_load: list[Callable[[QwenVLModel], None]] = []
+        self.on_release: list[Callable[[QwenVLModel], None]] = []
+
+    @staticmethod
+    def _call(hooks: list, arg: Any) -> None:
+        for hook in list(hooks):
+            try:
+                hook(arg)
+            except Exception:
+                log.exception("[QwenVL-Fast] model-manager hook %s failed", getattr(hook, "__name__", hook))
 
     def get(self, options: LoadOptions) -> tuple[QwenVLModel, bool]:
         """(model, loaded_now)."""
@@ -599,23 +614,25 @@ class ModelManager:
             if self.current is not None and self.current.options == options and self.current.usable:
                 return self.current, False
             self.release()
+            self._call(self.before_load, options)
             model = load_model(options)
             self.current = model
             self.load_count += 1
+            self._call(self.on_load, model)
             return model, True
 
-    def release(self) -> None:
+    def release(self, collect_garbage: bool = True) -> None:
+        """Drop the current model. ``collect_garbage=False`` from inside a host's callback (no ``gc`` there)."""
         with self._lock:
             model, self.current = self.current, None
             if model is not None:
                 model.close()
+                self._call(self.on_release, model)
                 del model
-                for hook in list(self.on_release):
-                    try:
-                        hook()
-                    except Exception:
-                        log.exception("[QwenVL-Fast] release hook failed")
-            _release_memory()
+            if collect_garbage:
+                _release_memory()
+            elif torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 MANAGER = ModelManager()
@@ -638,7 +655,7 @@ def clear_memory_caches() -> None:
         cache.clear(memory=True)
 
 
-MANAGER.on_release.append(clear_memory_caches)
+MANAGER.on_release.append(lambda _model: clear_memory_caches())
 
 # ---------------------------------------------------------------------------------------------
 # Images
@@ -1090,9 +1107,9 @@ class QwenVLModel:
                 "Out of memory. Use a cheaper image_quality ('balanced' or 'fast'), fewer images per prompt, "
                 "fewer max_new_tokens, or quantization '4-bit'."
             ) from exc
-        if cache is not None:
-            rec.cache_stats = cache.info()
         mon.finish()
+        if cache is not None:  # after finish: these statistics are bookkeeping, not part of the run's time
+            rec.cache_stats = cache.info()
         return GenerationResult(texts, thoughts, rec, token_ids)
 
     def _generate(self, req: GenerationRequest, group: list[PreparedImage], mon: RunMonitor,
