@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,34 @@ def load_image_file(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr).float() / 255.0
 
 
+def write_caption(txt: Path, text: str, *, overwrite: bool) -> None:
+    """Write ``txt`` whole or not at all: a cancel or a crash mid-write never leaves half a caption.
+
+    The text goes to a temporary file beside it first; without ``overwrite`` it is linked into place, which
+    fails if a caption appeared meanwhile, instead of replacing it.
+    """
+    tmp = txt.with_name(f".{txt.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        if overwrite:
+            os.replace(tmp, txt)
+        else:
+            try:
+                os.link(tmp, txt)
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: check, then rename
+                if txt.exists():
+                    raise FileExistsError(txt) from None
+                os.replace(tmp, txt)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def caption_folder(
     model: ql.QwenVLModel, folder: Path, *, prompt: str, image_quality: str = "balanced", max_new_tokens: int = 128,
     write_txt: bool = True, overwrite: bool = False, seed: int = 0, system_prompt: str = "",
@@ -90,10 +120,11 @@ def caption_folder(
             for f, text in zip(ok_files, result.texts):
                 status = "captioned"
                 if write_txt:
-                    txt = f.with_suffix(".txt")
-                    with open(txt, "w" if overwrite else "x", encoding="utf-8") as out:
-                        out.write(text)
-                    status = "written"
+                    try:
+                        write_caption(f.with_suffix(".txt"), text, overwrite=overwrite)
+                        status = "written"
+                    except FileExistsError:
+                        status = "skipped: its .txt appeared while captioning (kept)"
                 results.append(CaptionResult(f, text, status))
         done += len(chunk)
         if on_file is not None:
