@@ -127,6 +127,17 @@ SYNTHETIC_PRESETS: dict[str, SyntheticPreset] = {
                                   "rope_theta": 10000000.0, "partial_rotary_factor": 1.0}},
         description="tiny Qwen3.5 (hybrid linear attention) for tests",
     ),
+    # Tiny vision tower, ~120 MB of text weights: big enough that one leaked copy shows in a process's memory.
+    "small-qwen2.5-vl": SyntheticPreset(
+        family="qwen2_5_vl",
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=512,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                    fullatt_block_indexes=[1], in_channels=3),
+        text={**_TINY_TEXT, "hidden_size": 512, "intermediate_size": 4096, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 10000.0}},
+        description="small Qwen2.5-VL (about 120 MB) for memory tests",
+    ),
     # Published dimensions (facts file). The vision tower is exactly the real one.
     "qwen2.5-vl-3b": SyntheticPreset(
         family="qwen2_5_vl",

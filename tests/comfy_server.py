@@ -72,7 +72,9 @@ NODE_CLASS_MAPPINGS = {{"{SHOW_TEXT_NODE}": ShowText}}
 
 
 def comfyui_dir() -> Path:
-    return Path(os.environ.get(COMFYUI_DIR_ENV) or DEFAULT_COMFYUI_DIR).expanduser()
+    """``$QWENVL_FAST_COMFYUI_DIR``, else ``$COMFYUI_DIR`` (any ComfyUI tree, e.g. a current one), else CI's."""
+    chosen = os.environ.get(COMFYUI_DIR_ENV) or os.environ.get("COMFYUI_DIR")
+    return Path(chosen or DEFAULT_COMFYUI_DIR).expanduser()
 
 
 def comfyui_missing_reason(path: Path | None = None) -> str | None:
@@ -320,6 +322,39 @@ class ComfyServer:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def rss_bytes(self) -> int | None:
+        """The server process's resident memory (Linux), or None where it cannot be read."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, AttributeError, ValueError):
+            return None
+        return None
+
+    def comfyui_version(self) -> str:
+        """The server's ComfyUI version: /system_stats where it says, else 'March 2024' (CI's copy)."""
+        try:
+            stats = self.get("/system_stats")
+        except (OSError, ComfyError):
+            return "unknown"
+        return (stats.get("system") or {}).get("comfyui_version") or "March 2024 (no version reported)"
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        """What the server logged after ``offset`` (a former ``log_size()``)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def log_tail(self, chars: int = 6000) -> str:
         try:

@@ -11,6 +11,7 @@ goes over HTTP, as the ComfyUI frontend does. Skipped when ComfyUI is not instal
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 
@@ -191,6 +192,12 @@ def _run(server, info, image, timeout=180, if_present=None, **values) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ tests
+def test_server_reports_its_comfyui(comfy_server):
+    version = comfy_server.comfyui_version()
+    print(f"ComfyUI under test: {version} at {comfy_server.comfy_dir}")
+    assert version != "unknown"
+
+
 def test_object_info_lists_nodes_and_tiny_model(comfy_server, run_info):
     info = comfy_server.object_info()
     missing = [n for n in NODE_IDS if n not in info]
@@ -372,3 +379,135 @@ def test_cache_info_runs_every_time(comfy_server):
         assert "memory_entries" in info
         if info.get("disk_dir"):
             assert info["disk_dir"].startswith(str(comfy_server.cache_dir)), info["disk_dir"]
+
+
+# ------------------------------------------------------------------------ ComfyUI's model management
+def _free_and_settle(server: ComfyServer, **flags) -> None:
+    server.free(**flags)
+    time.sleep(1.0)  # /free only sets flags; the idle worker thread acts on them right after
+    server.wait_idle()
+
+
+def test_free_twice_and_with_nothing_loaded_keeps_the_server_serving(comfy_server, run_info, tiny_choice):
+    log_start = comfy_server.log_size()
+    _free_and_settle(comfy_server)  # whatever is loaded goes
+    _free_and_settle(comfy_server)  # nothing loaded
+    image = _image(comfy_server, 20)
+    _run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Loaded."))
+    _free_and_settle(comfy_server)
+    _free_and_settle(comfy_server)  # twice in a row
+    assert comfy_server.alive(), comfy_server.log_tail()
+    after = _timing(_run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="Still serving?")))
+    assert after["model_loaded_this_run"] is True
+    logged = comfy_server.log_since(log_start)
+    assert "Traceback" not in logged, logged[-6000:]
+
+
+def _load_and_generate_graph(server: ComfyServer, model: str, image: str, prompt: str, **load_values) -> dict:
+    load_info = server.object_info("QwenVLFast_LoadModel")
+    gen_info = server.object_info("QwenVLFast_Generate")
+    gen_inputs = _widget_defaults(gen_info)
+    gen_inputs.update(prompt=prompt, max_new_tokens=6, do_sample=False, image_quality="fast",
+                      qwenvl_model=["3", 0], image=["10", 0])
+    return {
+        "10": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "3": {"class_type": "QwenVLFast_LoadModel",
+              "inputs": {**_widget_defaults(load_info), "model": model, **load_values}},
+        "4": {"class_type": "QwenVLFast_Generate", "inputs": gen_inputs},
+        "5": {"class_type": SHOW_TEXT_NODE, "inputs": {"text": ["4", gen_info["output_name"].index("timing")]}},
+    }
+
+
+def test_generate_reloads_after_free_when_load_model_is_cached(comfy_server, tiny_choice):
+    image = _image(comfy_server, 21)
+    first = comfy_server.run(_load_and_generate_graph(comfy_server, tiny_choice, image, "First question."))
+    _assert_success(first, comfy_server)
+    # Unload the models but keep ComfyUI's output cache: LoadModel's output is served from it next time.
+    _free_and_settle(comfy_server, unload_models=True, free_memory=False)
+    second = comfy_server.run(_load_and_generate_graph(comfy_server, tiny_choice, image, "A new question."))
+    _assert_success(second, comfy_server)
+    cached = [d["nodes"] for name, d in second["status"]["messages"] if name == "execution_cached"]
+    assert cached and "3" in cached[0], f"LoadModel ran again, so this tested nothing: {cached}"
+    assert node_ui(second, "4")["text"][0].strip()
+    timing = json.loads(node_ui(second, "5")["text"][0])
+    assert timing["model_loaded_this_run"] is True, "Generate did not notice that /free released the model"
+
+
+def test_keep_model_loaded_off_does_not_grow_memory_per_run(comfy_server, run_info):
+    name = "small-qwen2.5-vl"
+    folder = comfy_server.llm_dir / name
+    if not (folder / "config.json").is_file():
+        comfy_server.add_model(name, f"synthetic:{name}")
+    model_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    choice = _model_choice(comfy_server.object_info(RUN), name)
+    image = _image(comfy_server, 22)
+    rss = []
+    for n in range(3):
+        timing = _timing(_run(comfy_server, run_info, image,
+                              **_fast(choice, prompt=f"Run {n}.", keep_model_loaded=False)))
+        assert timing["model_loaded_this_run"] is True
+        rss.append(comfy_server.rss_bytes())
+    _free_and_settle(comfy_server)
+    rss.append(comfy_server.rss_bytes())
+    entry = _run(comfy_server, run_info, image, **_fast(choice, prompt="Serving?", keep_model_loaded=False))
+    assert node_ui(entry, "2")["text"][0].strip()
+    if None in rss:
+        pytest.skip("the server's memory cannot be read on this platform")
+    growth = rss[-1] - rss[0]
+    assert growth < model_bytes / 2, (
+        f"memory grew by {growth / 1e6:.0f} MB over two more runs and /free (model {model_bytes / 1e6:.0f} MB): {rss}"
+    )
+
+
+def test_cancel_during_caption_folder_ends_interrupted_without_half_written_captions(comfy_server, tiny_choice):
+    import numpy as np
+    from PIL import Image
+
+    folder = comfy_server.work_dir / f"caption-cancel-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    rng = np.random.default_rng(23)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    load_info = comfy_server.object_info("QwenVLFast_LoadModel")
+    caption_info = comfy_server.object_info("QwenVLFast_CaptionFolder")
+
+    def graph(where, max_new_tokens: int = 400) -> dict:
+        inputs = _widget_defaults(caption_info)
+        inputs.update(qwenvl_model=["3", 0], folder=str(where), image_quality="fast",
+                      max_new_tokens=max_new_tokens, write_txt=True, overwrite=False)
+        return {
+            "3": {"class_type": "QwenVLFast_LoadModel",
+                  "inputs": {**_widget_defaults(load_info), "model": tiny_choice}},
+            "7": {"class_type": "QwenVLFast_CaptionFolder", "inputs": inputs},
+        }
+
+    ws = comfy_server.listen()
+    try:
+        pid = comfy_server.queue(graph(folder), client_id=ws.client_id)
+        comfy_server.wait_running(pid)
+        # Let the first chunk of images finish, then cancel in the middle of the next one.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(folder.glob("*.txt")) and comfy_server.history(pid) is None:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        comfy_server.interrupt()
+        entry = comfy_server.wait(pid, timeout=60)
+        interrupted_events = [e for e in ws.snapshot("execution_interrupted") if e["data"].get("prompt_id") == pid]
+    finally:
+        ws.close()
+    if (entry.get("status") or {}).get("status_str") == "success":
+        pytest.skip("the folder was captioned before the cancel arrived")
+    assert execution_error(entry) is None, f"Cancel showed up as an error: {execution_error(entry)}"
+    assert was_interrupted(entry) or interrupted_events, entry.get("status")
+    assert not [p.name for p in folder.iterdir() if p.suffix == ".tmp"], sorted(p.name for p in folder.iterdir())
+    written = sorted(folder.glob("*.txt"))
+    assert 0 < len(written) < 8, [p.name for p in written]
+    # Every caption on disk is whole: the same images captioned again, uncancelled, give exactly that text.
+    again = comfy_server.work_dir / f"{folder.name}-again"
+    again.mkdir()
+    for txt in written:
+        shutil.copy(txt.with_suffix(".png"), again / txt.with_suffix(".png").name)
+    _assert_success(comfy_server.run(graph(again), timeout=600), comfy_server)
+    for txt in written:
+        assert txt.read_text(encoding="utf-8") == (again / txt.name).read_text(encoding="utf-8"), txt.name
+    assert comfy_server.alive()
