@@ -202,6 +202,7 @@ def row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         "cache.disk_hit": ("cache", "`balanced` disk-tier hit in a fresh process (memory tier empty)"),
         "hash.no_memo": ("hash", f"hash a {size}x{size} float image (canonicalize + MD5)"),
         "hash.memo": ("hash", "same tensor again (digest memo lookup)"),
+        "hash.detail_score": ("hash", f"`auto` preset's detail score of a {size}x{size} image"),
         "multi.one_by_one": ("multi", f"{N_MULTI} images, `{q}`, one by one ({N_MULTI} encode calls)"),
         "multi.batched": ("multi", f"{N_MULTI} images, `{q}`, batched (1 encode call)"),
         "attention.per_window": ("attention", "transformers' vision attention (one SDPA call per window)"),
@@ -442,7 +443,7 @@ class ModelBench:
 
     # -- section 2: hashing ----------------------------------------------------------------------
     def section_hash(self) -> None:
-        ids = self.ids("hash.no_memo", "hash.memo")
+        ids = self.ids("hash.no_memo", "hash.memo", "hash.detail_score")
         if not self.budget.allows():
             return self.skip_section(ids, "--time-budget reached")
         img = make_image(self.size, self.args.seed, 0)
@@ -463,6 +464,11 @@ class ModelBench:
                 dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if i > 0:  # the first pair warms up
                     self.add(self.rows[f"hash.{v}"], time_s=dt, cpu_s=dc)
+            t0, c0 = time.perf_counter(), time.process_time()
+            qp.detail_score(img)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if i > 0:
+                self.add(self.rows["hash.detail_score"], time_s=dt, cpu_s=dc)
         # The memo lookup takes microseconds, below the CPU clock's resolution: this ratio is in wall time.
         a, b = self.rows["hash.no_memo"].samples["time_s"], self.rows["hash.memo"].samples["time_s"]
         self.rows["hash.memo"].samples["no_memo_over_memo"] = [x / y for x, y in zip(a, b)]
@@ -1012,13 +1018,14 @@ def model_markdown(entry: dict[str, Any], args: argparse.Namespace) -> str:
                f"{cell(d, 'miss_over_first_hit', 'ratio')} |")
     out.append(f"| disk-tier hit, fresh process, median (memory tier cleared before each) | {cell(d, 'time_s')} |"
                f"{cpu(d)} {cell(d, 'miss_over_hit', 'ratio')} |")
-    for rid in ("hash.no_memo", "hash.memo"):
+    for rid in ("hash.no_memo", "hash.memo", "hash.detail_score"):
         r = g(rid)
         ratio = f"{cell(r, 'no_memo_over_memo', 'ratio')} (wall)" if rid == "hash.memo" else ""
         out.append(f"| {r.label if r else rid} | {cell(r, 'time_s')} |{cpu(r)} {ratio} |")
     out += ["", "Memory-hit ratios are paired within rounds; the disk hit runs in a child process, so its ratio is "
             "median miss / median hit. Model load in the child is not counted.", ""]
-    out += status_note([g("cache.memory_hit"), g("cache.memory_hit_rehash"), d, g("hash.no_memo"), g("hash.memo")])
+    out += status_note([g("cache.memory_hit"), g("cache.memory_hit_rehash"), d, g("hash.no_memo"), g("hash.memo"),
+                            g("hash.detail_score")])
 
     n = args.new_tokens
     out += ["", f"### End-to-end generation (one {size}x{size} image, exactly {n} new tokens)", "",
