@@ -6,7 +6,14 @@ Two tiers:
 - disk: persistent across restarts and processes, bounded in bytes with LRU eviction
   (``diskcache``, which handles the index, eviction and cross-process locking with SQLite).
   Values are raw safetensors bytes: nothing is ever pickled or unpickled, and every entry is
-  checked on read; a truncated, corrupt or foreign entry is dropped and recomputed.
+  checked on read (key, format, shapes, rows against grid and merge size); a truncated, corrupt or
+  foreign entry is dropped and recomputed. A locked database skips one read or write; only a real
+  fault turns the tier off.
+
+Before either tier, ``DigestMemo`` maps an exact hash of an image tensor's raw bytes (xxh3_128) to
+its canonical digest, so a repeated image skips canonicalisation and MD5.
+
+This module imports nothing from ComfyUI: a host sets its cache folder with ``set_default_cache_root``.
 
 The key covers everything that changes an embedding: the MD5 of the image's canonical bytes
 (uint8 RGB with its shape), the model's identity and fingerprint, the dtype, the resolved
@@ -19,12 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import secrets
+import sqlite3
 import struct
 import tempfile
 import threading
-import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,48 +80,112 @@ def canonical_digest(image_uint8_hwc: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-class DigestMemo:
-    """Remembers digests per tensor object, so an unchanged upstream image is hashed once.
+DIGEST_MEMO_ENTRIES = 4096  # keys and (digest, size) tuples, under 1 KiB each: a few MiB at most
 
-    ComfyUI hands the very same tensor to a node when its upstream node's output is cached.
-    An entry is valid while the object is alive and unmodified (same ``_version``, storage
-    pointer, shape and strides); it is dropped when the tensor is garbage-collected.
+_HASHER_LOCK = threading.Lock()
+_HASHER: Callable[[Any], bytes] | None = None
+RAW_HASH_NAME = ""  # which hash the digest memo uses, once resolved ("xxh3_128", or "sha1" without xxhash)
+
+
+def _raw_hasher() -> Callable[[Any], bytes]:
+    """The memo's hash of a tensor's raw bytes: xxh3_128, or hashlib's sha1 when xxhash is missing.
+
+    xxh3_128 runs at memory speed (about 0.15 ms for a 12 MiB float image on a 2-core EPYC, where MD5
+    takes 16 ms and sha1, the fastest hashlib hash there, 6.4 ms). It is not cryptographic: neither is
+    the MD5 in the entry key, so the memo adds no new trust boundary. A per-process random seed means
+    a collision computed offline for one seed does not carry over to a running process.
     """
+    global _HASHER, RAW_HASH_NAME
+    if _HASHER is None:
+        with _HASHER_LOCK:
+            if _HASHER is None:
+                try:
+                    import xxhash
 
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[tuple, Any]] = {}
-        self._lock = threading.Lock()
+                    seed = secrets.randbits(64)
 
-    @staticmethod
-    def _signature(t: torch.Tensor) -> tuple:
-        if t.is_inference():
-            # ComfyUI runs nodes under inference_mode, whose tensors keep no version counter: a strided
-            # sample of the values stands in for it, so an in-place edit upstream is still noticed.
-            flat = t.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            version: object = ("sample", float(flat[::step].double().sum()))
-        else:
-            version = t._version
-        return (version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device))
+                    def hasher(buf: Any) -> bytes:
+                        return xxhash.xxh3_128_digest(buf, seed)
 
-    def get(self, tensor: torch.Tensor) -> Any | None:
-        with self._lock:
-            found = self._entries.get(id(tensor))
-        if found is not None and found[0] == self._signature(tensor):
-            return found[1]
+                    RAW_HASH_NAME = "xxh3_128"
+                except ImportError:
+                    log.info("[QwenVL-Fast] xxhash is not installed: the image digest memo falls back to "
+                             "hashlib.sha1, tens of times slower (pip install xxhash)")
+
+                    def hasher(buf: Any) -> bytes:
+                        return hashlib.sha1(buf, usedforsecurity=False).digest()
+
+                    RAW_HASH_NAME = "sha1"
+                _HASHER = hasher
+    return _HASHER
+
+
+def tensor_memo_key(tensor: torch.Tensor) -> tuple | None:
+    """An exact key for a tensor's values: dtype, shape and a hash of its bytes in logical order.
+
+    Two tensors get the same key when they hold the same values, whatever the object, view, storage
+    or strides: ComfyUI unbinds its IMAGE batch into new views on every call, and its tensors are
+    inference tensors with no version counter, so nothing but the values can say "same image".
+    A non-contiguous view is copied to a contiguous one first, so its bytes are hashed in logical order.
+    A tensor on an accelerator is copied to the host once and hashed there: that copy is one PCIe
+    transfer (~1 ms for a 12 MiB image), which canonicalising a new image does anyway, and torch has no
+    exact on-device hash to use instead; falling back to no memo would pay canonicalize + MD5 every run.
+    Returns None (no memo) for a tensor whose bytes cannot be read (meta, sparse, quantized).
+    """
+    try:
+        t = tensor.detach()
+        if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+            return None
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.resolve_conj().resolve_neg()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        buf = t.reshape(-1).view(torch.uint8).numpy()
+        return (str(tensor.dtype), tuple(int(s) for s in tensor.shape), _raw_hasher()(buf))
+    except Exception as exc:  # an exotic tensor: no memo, never a failed run
+        log.debug("[QwenVL-Fast] digest memo skipped for a %s tensor: %s", getattr(tensor, "dtype", "?"), exc)
         return None
 
-    def put(self, tensor: torch.Tensor, value: Any) -> None:
-        key = id(tensor)
-        with self._lock:
-            is_new = key not in self._entries
-            self._entries[key] = (self._signature(tensor), value)
-        if is_new:
-            weakref.finalize(tensor, self._drop, key)
 
-    def _drop(self, key: int) -> None:
+class DigestMemo:
+    """Remembers each image's canonical digest by an exact hash of its values, so a repeated image is
+    canonicalised and MD5-hashed once.
+
+    The key is ``tensor_memo_key``: dtype, shape and an xxh3_128 of the raw bytes. It hits for any
+    tensor with the same values (a new view of the same storage, a copy, an inference tensor) and
+    misses after any in-place change, however small. An LRU of at most ``max_entries`` entries; it
+    holds keys and the caller's values only, never the tensors.
+    """
+
+    def __init__(self, max_entries: int = DIGEST_MEMO_ENTRIES) -> None:
+        self.max_entries = max(1, int(max_entries))
+        self._entries: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tensor: torch.Tensor) -> Any | None:
+        key = tensor_memo_key(tensor)
+        if key is None:
+            return None
         with self._lock:
-            self._entries.pop(key, None)
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, tensor: torch.Tensor, value: Any) -> None:
+        key = tensor_memo_key(tensor)
+        if key is None:
+            return
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -204,23 +278,27 @@ def _bytes_only_disk_class():
     return BytesOnlyDisk
 
 
+CACHE_SUBDIR = "qwenvl_fast_cache"  # the folder under the host's root
+_host_cache_root: Path | None = None
+
+
+def set_default_cache_root(path: str | Path | None) -> None:
+    """The host's folder for the disk cache (ComfyUI: its user directory, or its temp directory on old
+    versions); the cache lives in ``CACHE_SUBDIR`` under it. None forgets it. ``$QWENVL_FAST_CACHE_DIR``
+    still wins. Takes effect for disk tiers created afterwards. This module imports nothing from the
+    host: the host tells it where to go.
+    """
+    global _host_cache_root
+    _host_cache_root = Path(path).expanduser() if path else None
+
+
 def default_cache_dir() -> Path:
-    """``$QWENVL_FAST_CACHE_DIR``, else ComfyUI's user (or temp) directory, else the user cache dir."""
+    """``$QWENVL_FAST_CACHE_DIR``, else the host's root (``set_default_cache_root``), else the user cache dir."""
     env = os.environ.get(CACHE_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    try:
-        import folder_paths  # type: ignore[import-not-found]
-
-        base = None
-        if hasattr(folder_paths, "get_user_directory"):
-            base = folder_paths.get_user_directory()
-        elif hasattr(folder_paths, "get_temp_directory"):
-            base = folder_paths.get_temp_directory()
-        if base:
-            return Path(base) / "qwenvl_fast_cache"
-    except ImportError:
-        pass
+    if _host_cache_root is not None:
+        return _host_cache_root / CACHE_SUBDIR
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg:
         return Path(xdg) / "qwenvl-fast"
@@ -230,8 +308,23 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "qwenvl-fast"
 
 
+def merge_size_of(rows: int, grid: tuple[int, ...]) -> int:
+    """The spatial merge size that makes ``rows * merge**2 == t*h*w``; ValueError when none does."""
+    if len(grid) != 3 or any(int(v) <= 0 for v in grid) or rows <= 0:
+        raise ValueError(f"bad grid {tuple(grid)} or row count {rows}")
+    cells = math.prod(int(v) for v in grid)
+    merge = math.isqrt(cells // rows) if cells % rows == 0 else 0
+    if merge <= 0 or rows * merge * merge != cells:
+        raise ValueError(f"{rows} rows do not fit grid {tuple(grid)} for any merge size")
+    return merge
+
+
 def serialize_embedding(key: str, item: ImageEmbedding) -> bytes:
+    """Raw safetensors bytes with the key, format, grid and merge size; ValueError if rows and grid disagree."""
     from safetensors.torch import save
+
+    if item.embeds.dim() != 2:
+        raise ValueError("embeds must be [tokens, hidden]")
 
     tensors = {"embeds": item.embeds.detach().contiguous().cpu()}
     for i, level in enumerate(item.deepstack):
@@ -240,6 +333,7 @@ def serialize_embedding(key: str, item: ImageEmbedding) -> bytes:
         "key": key,
         "format": str(CACHE_FORMAT_VERSION),
         "grid": json.dumps(list(item.grid)),
+        "merge": str(merge_size_of(int(item.embeds.shape[0]), tuple(item.grid))),
         "deepstack_levels": str(len(item.deepstack)),
     }
     return save(tensors, metadata=meta)
@@ -265,18 +359,45 @@ def deserialize_embedding(key: str, blob: bytes) -> ImageEmbedding:
     deepstack = [tensors[f"deepstack.{i}"] for i in range(levels)]
     if len(grid) != 3 or embeds.dim() != 2 or any(d.shape != embeds.shape for d in deepstack):
         raise ValueError("inconsistent shapes")
+    rows = int(embeds.shape[0])
+    if "merge" in meta:
+        merge = int(meta["merge"])
+        if merge <= 0 or min(grid) <= 0 or rows * merge * merge != math.prod(grid):
+            raise ValueError(f"{rows} rows do not match grid {grid} with merge size {merge}")
+    else:  # written before the merge size was stored: some integer merge size must fit
+        merge_size_of(rows, grid)
     return ImageEmbedding(embeds, deepstack, grid)  # type: ignore[arg-type]
 
 
-class DiskTier:
-    """Persistent tier. Any I/O fault disables it for the process with one warning; runs continue."""
+def _is_busy(exc: BaseException) -> bool:
+    """SQLite's "database is locked" (another process or thread is writing), raw or as diskcache's Timeout.
 
-    def __init__(self, directory: str | Path | None = None, max_bytes: int = DEFAULT_DISK_BYTES) -> None:
+    It passes: the operation is skipped, not the tier. Anything else (cannot open, corrupt database,
+    disk full, I/O error) is a real failure.
+    """
+    if isinstance(exc, sqlite3.OperationalError):
+        return "locked" in str(exc).lower() or "busy" in str(exc).lower()
+    try:
+        import diskcache
+    except ImportError:
+        return False
+    return isinstance(exc, diskcache.Timeout)
+
+
+class DiskTier:
+    """Persistent tier. A real I/O fault disables it for the process with one warning; runs continue.
+
+    A busy database ("database is locked": another process writing) only skips that read or write.
+    """
+
+    def __init__(self, directory: str | Path | None = None, max_bytes: int = DEFAULT_DISK_BYTES,
+                 timeout: float = 10.0) -> None:
         self.directory = Path(directory) if directory else default_cache_dir()
         self.max_bytes = int(max_bytes)
+        self.timeout = float(timeout)  # SQLite's busy timeout, seconds
+        self.busy = 0  # reads and writes skipped because the database was locked
         self._cache = None
         self._failed: str | None = None
-        self._lock = threading.Lock()
 
     @property
     def available(self) -> bool:
@@ -293,12 +414,25 @@ class DiskTier:
                     size_limit=self.max_bytes,
                     eviction_policy="least-recently-used",
                     disk=_bytes_only_disk_class(),
-                    timeout=10,
+                    timeout=self.timeout,
                     disk_min_file_size=0,  # every entry is its own file: volume accounting stays exact
                 )
             except Exception as exc:  # read-only folder, no diskcache, broken database
-                self._disable(f"cannot open {self.directory}: {exc}")
+                if not self._busy(exc, "open", None):
+                    self._disable(f"cannot open {self.directory}: {exc}")
         return self._cache
+
+    def _busy(self, exc: BaseException, what: str, stats: CacheStats | None) -> bool:
+        """True (and counted, logged once) when ``exc`` is a locked database: skip, keep the tier on."""
+        if not _is_busy(exc):
+            return False
+        self.busy += 1
+        if stats is not None:
+            stats.disk_errors += 1
+        level = logging.INFO if self.busy == 1 else logging.DEBUG
+        log.log(level, "[QwenVL-Fast] disk embedding cache busy (%s: %s); %s skipped, the tier stays on",
+                what, str(exc) or type(exc).__name__, what)
+        return True
 
     def _disable(self, why: str) -> None:
         if self._failed is None:
@@ -321,6 +455,8 @@ class DiskTier:
         except ValueError:  # a pickled value written by someone else: never loaded
             blob = b""
         except Exception as exc:
+            if self._busy(exc, "read", stats):
+                return None
             if not self.directory.exists():
                 self._cache = None  # folder deleted while running: recreate on the next write
                 return None
@@ -340,20 +476,27 @@ class DiskTier:
                 pass
             return None
 
-    def put(self, key: str, item: ImageEmbedding) -> None:
+    def put(self, key: str, item: ImageEmbedding, stats: CacheStats | None = None) -> None:
         cache = self._open()
         if cache is None:
             return
         try:
-            cache.set(key, serialize_embedding(key, item))
+            blob = serialize_embedding(key, item)
+        except ValueError as exc:  # rows that fit no grid: an engine bug, never written
+            log.warning("[QwenVL-Fast] embedding not written to the disk cache: %s", exc)
+            return
+        try:
+            cache.set(key, blob)
         except Exception as exc:
+            if self._busy(exc, "write", stats):
+                return
             if not self.directory.exists():
                 # Deleted while running: start again in a fresh folder rather than give up.
                 self._cache = None
                 try:
                     self._open()
                     if self._cache is not None:
-                        self._cache.set(key, serialize_embedding(key, item))
+                        self._cache.set(key, blob)
                         return
                 except Exception:
                     pass
@@ -427,7 +570,7 @@ class EmbeddingCache:
     def put(self, key: str, item: ImageEmbedding) -> None:
         self.memory.put(key, item)
         if self.disk is not None:
-            self.disk.put(key, item)
+            self.disk.put(key, item, self.stats)
 
     def clear(self, memory: bool = True, disk: bool = False) -> None:
         if memory:
