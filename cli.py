@@ -93,15 +93,45 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"texts": result.texts, "thinking": result.thinking, "timing": result.record.as_dict()},
                          default=str))
         return 0
-    if ql.synthetic.is_synthetic_name(args.model):
-        print("(synthetic model with random weights: the text below is meaningless; the timings are real)")
+    random_weights = ql.synthetic.is_synthetic_name(args.model)
     for i, text in enumerate(result.texts):
-        shown = text if text.strip() else "(no printable text: the tokens generated were whitespace or control tokens)"
-        count = len(result.token_ids[i]) if i < len(result.token_ids) else 0
-        print(f"--- answer {i + 1} ({count} tokens) ---\n{shown}")
+        ids = result.token_ids[i] if i < len(result.token_ids) else []
+        print(f"--- answer {i + 1}: {len(ids)} new tokens ---")
+        if random_weights or not text.strip():
+            print("token ids: " + " ".join(str(t) for t in ids))
+        if text.strip():
+            print(("text (meaningless, random weights): " if random_weights else "") + text)
+        else:
+            print("text: (none" + _why_no_text(ids) + ")")
         if result.thinking[i]:
             print(f"--- reasoning {i + 1} ---\n{result.thinking[i]}")
-    return 0  # the timing summary and tips were logged by the engine
+    print(_timing_line(result.record))
+    if random_weights:
+        print(f"Demo run complete: {args.model} has random weights, so the tokens above mean nothing; the pipeline "
+              "that produced them and its timings are real. For real answers give --model a model folder or a "
+              "Qwen/... repo id.")
+    return 0  # the engine also logged its one-line timing summary and any tips
+
+
+def _why_no_text(ids: list[int]) -> str:
+    """Why these ids decode to nothing: ids the tokenizer does not have, the rest special tokens or whitespace."""
+    tokenizer = getattr(ql.MANAGER.current, "tokenizer", None)
+    if tokenizer is None or not ids:
+        return ""
+    size = len(tokenizer)
+    beyond = sum(1 for t in ids if t >= size)
+    if not beyond:
+        return ": these ids are special tokens and whitespace only"
+    which = f"all {beyond}" if beyond == len(ids) else f"{beyond} of the {len(ids)}"
+    return (f": {which} ids lie beyond the tokenizer's {size} entries and decode to nothing"
+            + (", the others are special tokens or whitespace" if beyond < len(ids) else ""))
+
+
+def _timing_line(rec) -> str:
+    """The run's stage times in seconds, in the order they ran (the engine's record, not a new measurement)."""
+    stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in rec.stages.items() if seconds >= 0.005)
+    speed = f" ({rec.decode_tokens_per_s:.1f} tok/s)" if rec.decode_tokens_per_s else ""
+    return f"timings: total {rec.total_s:.2f}s = {stages}; {rec.new_tokens} new tokens{speed}"
 
 
 if __name__ == "__main__":
