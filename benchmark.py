@@ -341,7 +341,9 @@ class ModelBench:
     def stock_attention(self) -> Iterator[None]:
         """The reference runs transformers' own vision attention, as other packs do (not the pack's grouped SDPA)."""
         grouped = getattr(self.qm, "vision_attention", None) == "grouped sdpa"
-        va = sys.modules.get("vision_attention") if grouped else None
+        # The module the engine itself imported (a lookup by module name finds nothing once the pack is
+        # imported as a package, and the reference would then silently keep the pack's grouped SDPA).
+        va = ql.vision_attention if grouped else None
         if va is not None:
             va.disable_grouped_vision_attention(self.qm.model)
         try:
