@@ -11,25 +11,19 @@ MIN_TRANSFORMERS = (4, 57)
 MIN_TORCH = (2, 5)
 
 
-def _version_tuple(text: str) -> tuple[int, int]:
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)  # type: ignore[return-value]
-
-
 def _check_versions() -> str | None:
     """One clear sentence instead of an import traceback in ComfyUI's log."""
     try:
         import torch
         import transformers
+
+        from .tf_compat import version_tuple
     except ImportError as exc:
         missing = exc.name or str(exc)
         return f"cannot import {missing}: run 'pip install -r requirements.txt' in ComfyUI's Python."
-    if _version_tuple(torch.__version__) < MIN_TORCH:
+    if version_tuple(torch.__version__) < MIN_TORCH:
         return f"torch {torch.__version__} is too old: Qwen-VL Fast needs torch >= {'.'.join(map(str, MIN_TORCH))}."
-    if _version_tuple(transformers.__version__) < MIN_TRANSFORMERS:
+    if version_tuple(transformers.__version__) < MIN_TRANSFORMERS:
         return (f"transformers {transformers.__version__} is too old: Qwen-VL Fast needs transformers >= "
                 f"{'.'.join(map(str, MIN_TRANSFORMERS))} (pip install -U 'transformers>=4.57').")
     return None

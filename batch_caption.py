@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -12,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__:
-    from . import qwenvl_loader as ql
-else:
-    import qwenvl_loader as ql
+from . import qwenvl_loader as ql
+from .engine import BATCH_MODES, GenerationRequest
+from .errors import QwenVLError
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -34,7 +34,7 @@ def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``; links that lead outside it are ignored."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise ql.QwenVLError(f"'{folder}' is not a folder: give the full path of the folder to caption.")
+        raise QwenVLError(f"'{folder}' is not a folder: give the full path of the folder to caption.")
     root = folder.resolve()
     files = []
     for p in sorted(folder.iterdir()):
@@ -83,10 +83,17 @@ def write_caption(txt: Path, text: str, *, overwrite: bool) -> None:
 
 
 def caption_folder(
-    model: ql.QwenVLModel, folder: Path, *, prompt: str, image_quality: str = "balanced", max_new_tokens: int = 128,
-    write_txt: bool = True, overwrite: bool = False, seed: int = 0, system_prompt: str = "",
-    should_stop: Callable[[], bool] | None = None, on_file: Callable[[int, int], None] | None = None,
+    options: ql.LoadOptions, folder: Path, request: GenerationRequest, *, write_txt: bool = True,
+    overwrite: bool = False, keep_model_loaded: bool = True, on_file: Callable[[int, int], None] | None = None,
+    manager: ql.ModelManager | None = None,
 ) -> list[CaptionResult]:
+    """Caption every image of ``folder`` with ``request`` (its prompt, preset, sampling; one answer each).
+
+    Goes through ``run_once`` chunk by chunk, so every chunk is timed and gets tips like a node run. An
+    interrupt (``request.should_stop``) ends the folder with ``GenerationInterrupted``; the captions
+    already written stay, whole.
+    """
+    manager = manager or ql.MANAGER
     files = list_images(folder)
     results: list[CaptionResult] = []
     todo: list[Path] = []
@@ -99,36 +106,37 @@ def caption_folder(
         else:
             todo.append(f)
     done = len(results)
-    for start in range(0, len(todo), CHUNK):
-        if should_stop is not None and should_stop():
-            break
-        chunk = todo[start:start + CHUNK]
-        images, ok_files = [], []
-        for f in chunk:
-            try:
-                images.append(load_image_file(f))
-                ok_files.append(f)
-            except Exception as exc:  # a broken file must not stop the folder
-                log.warning("[QwenVL-Fast] cannot read %s: %s", f, exc)
-                results.append(CaptionResult(f, "", f"error: cannot read image ({exc})"))
-        if images:
-            req = ql.GenerationRequest(
-                prompt=prompt, images=images, system_prompt=system_prompt, image_quality=image_quality,
-                max_new_tokens=max_new_tokens, seed=seed, batch_mode=ql.BATCH_MODES[1], should_stop=should_stop,
-            )
-            result = model.run(req)
-            for f, text in zip(ok_files, result.texts):
-                status = "captioned"
-                if write_txt:
-                    try:
-                        write_caption(f.with_suffix(".txt"), text, overwrite=overwrite)
-                        status = "written"
-                    except FileExistsError:
-                        status = "skipped: its .txt appeared while captioning (kept)"
-                results.append(CaptionResult(f, text, status))
-        done += len(chunk)
-        if on_file is not None:
-            on_file(done, len(files))
+    try:
+        for start in range(0, len(todo), CHUNK):
+            if request.should_stop is not None and request.should_stop():
+                raise ql.GenerationInterrupted("Captioning was interrupted.")
+            chunk = todo[start:start + CHUNK]
+            images, ok_files = [], []
+            for f in chunk:
+                try:
+                    images.append(load_image_file(f))
+                    ok_files.append(f)
+                except Exception as exc:  # a broken file must not stop the folder
+                    log.warning("[QwenVL-Fast] cannot read %s: %s", f, exc)
+                    results.append(CaptionResult(f, "", f"error: cannot read image ({exc})"))
+            if images:
+                chunk_request = dataclasses.replace(request, images=images, batch_mode=BATCH_MODES[1])
+                result = ql.run_once(options, chunk_request, keep_model_loaded=True, manager=manager)
+                for f, text in zip(ok_files, result.texts):
+                    status = "captioned"
+                    if write_txt:
+                        try:
+                            write_caption(f.with_suffix(".txt"), text, overwrite=overwrite)
+                            status = "written"
+                        except FileExistsError:
+                            status = "skipped: its .txt appeared while captioning (kept)"
+                    results.append(CaptionResult(f, text, status))
+            done += len(chunk)
+            if on_file is not None:
+                on_file(done, len(files))
+    finally:
+        if not keep_model_loaded:
+            manager.release()
     order = {p: i for i, p in enumerate(files)}
     results.sort(key=lambda r: order.get(r.path, 0))
     return results

@@ -64,12 +64,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import pack_path  # noqa: E402
 
-import fast_preprocess  # noqa: E402
-import quality_presets as qp  # noqa: E402
-import qwenvl_loader as ql  # noqa: E402
-from embedding_cache import canonical_digest  # noqa: E402
-from perf_monitor import RunMonitor  # noqa: E402
+pack_path.import_pack()
+from qwenvl_fast import caches, fast_preprocess  # noqa: E402
+from qwenvl_fast import quality_presets as qp  # noqa: E402
+from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
+from qwenvl_fast.embedding_cache import canonical_digest  # noqa: E402
+from qwenvl_fast.images import pixel_values_for  # noqa: E402
+from qwenvl_fast.perf_monitor import RunMonitor, sync_device  # noqa: E402
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -118,10 +121,7 @@ class Clock:
         self.cuda = device.type == "cuda" and torch.cuda.is_available()
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps" and hasattr(torch, "mps"):
-            torch.mps.synchronize()
+        sync_device(self.device)
 
     @contextmanager
     def time(self) -> Iterator[dict[str, float]]:
@@ -201,7 +201,7 @@ def row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         "cache.memory_hit_rehash": ("cache", "`balanced` memory-tier hit (new tensor: re-hash)"),
         "cache.disk_hit": ("cache", "`balanced` disk-tier hit in a fresh process (memory tier empty)"),
         "hash.no_memo": ("hash", f"hash a {size}x{size} float image (canonicalize + MD5)"),
-        "hash.memo": ("hash", "same tensor again (digest memo lookup)"),
+        "hash.memo": ("hash", "same pixels again in a new view (digest memo lookup: xxh3 of the bytes)"),
         "hash.detail_score": ("hash", f"`auto` preset's detail score of a {size}x{size} image"),
         "multi.one_by_one": ("multi", f"{N_MULTI} images, `{q}`, one by one ({N_MULTI} encode calls)"),
         "multi.batched": ("multi", f"{N_MULTI} images, `{q}`, batched (1 encode call)"),
@@ -453,11 +453,12 @@ class ModelBench:
         reps = max(3, int(self.args.hit_repeats))
         for i in range(reps + 1):
             for v in (["no_memo", "memo"] if i % 2 == 0 else ["memo", "no_memo"]):
-                x = img.clone() if v == "no_memo" else img
+                # A new view of the same pixels on a repeat, as ComfyUI's batch unbind gives each run.
+                x = img.clone() if v == "no_memo" else img[:]
                 t0, c0 = time.perf_counter(), time.process_time()
                 if v == "no_memo":
                     canonical = ql.canonicalize_image(x)
-                    value = (canonical_digest(canonical), (int(canonical.shape[0]), int(canonical.shape[1])))
+                    value = (canonical_digest(canonical), (int(canonical.shape[0]), int(canonical.shape[1])), None)
                     memo.put(img, value)  # what _prepare does: remember the digest for this tensor
                 else:
                     value = memo.get(x)
@@ -529,7 +530,7 @@ class ModelBench:
         pv, grid = fast_preprocess.preprocess_images(
             fast_preprocess.upload([canonical], self.qm.device), [size], patch_size=self.qm.family.patch_size,
             merge_size=self.qm.family.merge_size, temporal_patch_size=self.qm.family.temporal_patch_size,
-            image_mean=self.qm.image_mean, image_std=self.qm.image_std, device=self.qm.device,
+            image_mean=self.qm.image_spec.image_mean, image_std=self.qm.image_spec.image_std, device=self.qm.device,
             dtype=self.qm.visual_dtype)
         grid_dev = grid.to(self.qm.device)
         outputs: dict[str, torch.Tensor] = {}
@@ -622,8 +623,8 @@ def child_disk(spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             log.exception("[bench] disk-hit child failed for %s", job["model"])
             results[job["model"]] = dict(error=f"{type(exc).__name__}: {exc}")
-        ql._CACHES.clear()
-        ql._release_memory()
+        caches._CACHES.clear()
+        ql.release_memory()
     return results
 
 
@@ -661,7 +662,7 @@ def child_compile(spec: dict[str, Any]) -> dict[str, Any]:
     req = ql.GenerationRequest(prompt=PROMPT, images=[img], image_quality=spec["quality"], enable_image_cache=False)
     mon = RunMonitor(enabled=False)
     prepared = qm._prepare([img], req, None, mon)
-    pv, grid = qm._pixel_values(prepared, req, mon)
+    pv, grid = pixel_values_for(prepared, qm.image_spec, req.preprocess, mon)
 
     gpu_times: dict[str, list[float]] = {"eager": [], "compiled": []}
     cpu_times: dict[str, list[float]] = {"eager": [], "compiled": []}
@@ -1206,7 +1207,7 @@ def bench_model(name: str, args: argparse.Namespace, budget: TimeBudget, entry: 
         spec_k = bench.disk_image_k
         qm.close()
         del qm, bench
-        ql._release_memory()
+        ql.release_memory()
     common = model_spec(name, args)
     return {**common, "k": spec_k, "repeats": max(5, 2 * int(args.hit_repeats))}, miss_s
 
@@ -1248,7 +1249,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     cache_dir = tempfile.mkdtemp(prefix="qwenvl-bench-cache-")
     os.environ["QWENVL_FAST_CACHE_DIR"] = cache_dir  # never touch the user's real cache
-    ql._CACHES.clear()
+    caches._CACHES.clear()
     child_env = {**os.environ, "QWENVL_FAST_CACHE_DIR": cache_dir}
     result: dict[str, Any] = {
         "meta": dict(command=command, machine=machine_info(device), device=str(device), dtype=args.dtype,
@@ -1295,10 +1296,10 @@ def main(argv: list[str] | None = None) -> int:
             section_compile(entry["rows"], spec, args, budget, child_env)
             save()
     finally:
-        for cache in ql._CACHES.values():
+        for cache in caches._CACHES.values():
             if cache.disk is not None:
                 cache.disk.close()
-        ql._CACHES.clear()
+        caches._CACHES.clear()
         shutil.rmtree(cache_dir, ignore_errors=True)
     for entry in result["models"]:
         why = entry.get("skipped") or ("--time-budget reached" if budget.left() <= 0 else "not run")

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pack_path  # noqa: E402
 
-import quality_presets as qp  # noqa: E402
-import qwenvl_loader as ql  # noqa: E402
-from batch_caption import load_image_file  # noqa: E402
+pack_path.import_pack()
+from qwenvl_fast import quality_presets as qp  # noqa: E402
+from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
+from qwenvl_fast.batch_caption import load_image_file  # noqa: E402
 
 DEFAULT_MODEL = "synthetic:qwen2.5-vl-3b@2"
 log = logging.getLogger("QwenVL-Fast")

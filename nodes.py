@@ -1,23 +1,21 @@
-"""ComfyUI nodes of Qwen-VL Fast: thin adapters over ``qwenvl_loader``.
+"""ComfyUI nodes of Qwen-VL Fast: node classes only, thin over the engine.
 
-Everything ComfyUI-specific lives here: the model folder registration, the model manager
-hook (so "Unload models" and ``POST /free`` release the model), interrupt polling, the
-progress bar and the V1 node classes. The engine itself never imports ComfyUI.
+Inputs become one ``LoadOptions`` and one ``GenerationRequest`` and go through ``qwenvl_loader.run_once``
+(or the folder captioner, which uses it too). What ties the engine to ComfyUI (model folders, model
+manager, interrupt, progress) is in ``comfy_glue.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import comfy_model_manager
+from . import comfy_glue
 from . import quality_presets as qp
 from . import qwenvl_loader as ql
+from .batch_caption import caption_folder
 from .embedding_cache import CACHE_DIR_ENV
 
 log = logging.getLogger("QwenVL-Fast")
@@ -25,103 +23,34 @@ log = logging.getLogger("QwenVL-Fast")
 CATEGORY = "Qwen-VL Fast"
 MODEL_TYPE = "QWENVL_MODEL"
 DEFAULT_COMPILE = "off"  # the benchmark decides; see README "Performance"
+LOADER_INPUTS = ("model", "quantization", "attention_mode", "dtype", "device", "compile_vision")
 
-try:  # ComfyUI's helpers, when running inside it
-    import comfy.model_management as mm  # type: ignore[import-not-found]
-    import comfy.utils as comfy_utils  # type: ignore[import-not-found]
-    import folder_paths  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - exercised in the real-server tests
-    mm = None
-    comfy_utils = None
-    folder_paths = None
+comfy_glue.connect()
 
 
-def _register_model_folder() -> None:
-    """models/LLM (and anything extra_model_paths.yaml added under the LLM key)."""
-    if folder_paths is None:
-        return
-    default = os.path.join(folder_paths.models_dir, "LLM")
-    registered = folder_paths.folder_names_and_paths.get("LLM")
-    if registered is None or default not in registered[0]:
-        folder_paths.add_model_folder_path("LLM", default)
+def load_options(inputs: dict[str, Any]) -> ql.LoadOptions:
+    """The loader inputs of a node as LoadOptions (workflows may only name models inside the LLM folders)."""
+    values = {k: inputs[k] for k in LOADER_INPUTS if k in inputs}
+    values["device"] = comfy_glue.device_choice(values.get("device", "auto"))
+    values.setdefault("compile_vision", DEFAULT_COMPILE)
+    return ql.LoadOptions(**values, allow_absolute_path=False)
 
 
-_register_model_folder()
-
-# ComfyUI model management: "Unload models", POST /free and VRAM pressure release the model
-# (design and reasons in comfy_model_manager.py).
-if mm is not None:
-    try:
-        from comfy.model_patcher import ModelPatcher  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - every ComfyUI since 2023 has it
-        ModelPatcher = None
-    comfy_model_manager.install(ql.MANAGER, mm, ModelPatcher)
-
-# ---------------------------------------------------------------------------------------------
-# Shared run logic
-# ---------------------------------------------------------------------------------------------
-
-
-def _device_choice(device: str) -> str:
-    if device == "auto" and mm is not None:
-        return str(mm.get_torch_device())
-    return device
-
-
-def _interrupted() -> bool:
-    return bool(mm is not None and mm.processing_interrupted())
-
-
-def _raise_comfyui_interrupt() -> None:
-    """Turn the engine's interruption into ComfyUI's own, so the run ends as interrupted, not failed."""
-    if mm is not None:
-        mm.throw_exception_if_processing_interrupted()
-
-
-def _progress_callbacks(unique_id: str | None):
-    bar = comfy_utils.ProgressBar(1) if comfy_utils is not None else None
-    server = None
-    try:
-        from server import PromptServer  # type: ignore[import-not-found]
-
-        server = PromptServer.instance
-    except Exception:
-        pass
-    send_text = getattr(server, "send_progress_text", None) if server is not None else None
-
-    def on_progress(step: int, total: int) -> None:
-        if bar is not None:
-            bar.update_absolute(step, total)  # also raises if the user pressed Cancel
-
-    def on_text(text: str) -> None:
-        if send_text is not None and unique_id is not None:
-            try:
-                send_text(text, unique_id)
-            except Exception:
-                pass
-
-    return on_progress, on_text
-
-
-def run_generation(
-    options: ql.LoadOptions, *, image: torch.Tensor | None, prompt: str, system_prompt: str, image_quality: str,
-    enable_image_cache: bool, keep_model_loaded: bool, max_new_tokens: int, do_sample: bool, temperature: float,
-    top_p: float, top_k: int, repetition_penalty: float, seed: int, batch_mode: str, unique_id: str | None = None,
-) -> dict[str, Any]:
-    on_progress, on_text = _progress_callbacks(unique_id)
-    request = ql.GenerationRequest(
-        prompt=prompt, images=ql.split_image_batch(image), system_prompt=system_prompt,
-        image_quality=qp.validate_quality(image_quality), enable_image_cache=enable_image_cache,
-        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, seed=seed, batch_mode=batch_mode,
-        should_stop=_interrupted, on_progress=on_progress, on_text=on_text,
+def run_generation(options: ql.LoadOptions, inputs: dict[str, Any], keep_model_loaded: bool,
+                   unique_id: str | None = None) -> dict[str, Any]:
+    """One node run: the request from the node's inputs, through the one entry point."""
+    on_progress, on_text = comfy_glue.progress_callbacks(unique_id)
+    image = inputs.get("image")
+    request = ql.GenerationRequest.from_inputs(
+        inputs, images=ql.split_image_batch(image), image_quality=qp.validate_quality(inputs["image_quality"]),
+        should_stop=comfy_glue.interrupted, on_progress=on_progress, on_text=on_text,
     )
     if image is not None and not request.images:
         raise ql.QwenVLError("The image input is an empty batch: connect at least one image, or disconnect it.")
     try:
         result = ql.run_once(options, request, keep_model_loaded=keep_model_loaded, manager=ql.MANAGER)
     except ql.GenerationInterrupted:
-        _raise_comfyui_interrupt()
+        comfy_glue.raise_interrupt()
         raise
     timing = result.record.to_json()
     return {
@@ -185,12 +114,6 @@ def _loader_extras() -> dict[str, tuple]:
     }
 
 
-def _options(model: str, quantization: str, attention_mode: str, dtype: str = "auto", device: str = "auto",
-             compile_vision: str = DEFAULT_COMPILE) -> ql.LoadOptions:
-    return ql.LoadOptions(model=model, quantization=quantization, attention_mode=attention_mode, dtype=dtype,
-                          device=_device_choice(device), compile_vision=compile_vision, allow_absolute_path=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # Nodes
 # ---------------------------------------------------------------------------------------------
@@ -226,17 +149,8 @@ class QwenVLFastRun(_AnswerNode):
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def run(self, model, quantization, attention_mode, prompt, system_prompt, image_quality, enable_image_cache,
-            max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed, batch_mode,
-            keep_model_loaded, image=None, dtype="auto", device="auto", compile_vision=DEFAULT_COMPILE,
-            unique_id=None):
-        options = _options(model, quantization, attention_mode, dtype, device, compile_vision)
-        return run_generation(
-            options, image=image, prompt=prompt, system_prompt=system_prompt, image_quality=image_quality,
-            enable_image_cache=enable_image_cache, keep_model_loaded=keep_model_loaded,
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed, batch_mode=batch_mode, unique_id=unique_id,
-        )
+    def run(self, keep_model_loaded: bool, unique_id: str | None = None, **inputs: Any) -> dict[str, Any]:
+        return run_generation(load_options(inputs), inputs, keep_model_loaded, unique_id)
 
 
 class QwenVLHandle:
@@ -268,8 +182,8 @@ class QwenVLFastLoadModel:
             },
         }
 
-    def load(self, model, quantization, attention_mode, dtype, device, compile_vision, keep_model_loaded):
-        options = _options(model, quantization, attention_mode, dtype, device, compile_vision)
+    def load(self, keep_model_loaded: bool, **inputs: Any) -> tuple[QwenVLHandle]:
+        options = load_options(inputs)
         ql.MANAGER.get(options)  # load now, so that a broken model fails at this node
         return (QwenVLHandle(options, keep_model_loaded),)
 
@@ -286,18 +200,9 @@ class QwenVLFastGenerate(_AnswerNode):
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def generate(self, qwenvl_model, prompt, system_prompt, image_quality, enable_image_cache, max_new_tokens,
-                 do_sample, temperature, top_p, top_k, repetition_penalty, seed, batch_mode, image=None,
-                 unique_id=None):
-        if not isinstance(qwenvl_model, QwenVLHandle):
-            raise ql.QwenVLError("qwenvl_model must come from a 'Qwen-VL Fast Load Model' node.")
-        return run_generation(
-            qwenvl_model.options, image=image, prompt=prompt, system_prompt=system_prompt,
-            image_quality=image_quality, enable_image_cache=enable_image_cache,
-            keep_model_loaded=qwenvl_model.keep_model_loaded, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-            batch_mode=batch_mode, unique_id=unique_id,
-        )
+    def generate(self, qwenvl_model: QwenVLHandle, unique_id: str | None = None, **inputs: Any) -> dict[str, Any]:
+        handle = _handle(qwenvl_model)
+        return run_generation(handle.options, inputs, handle.keep_model_loaded, unique_id)
 
 
 class QwenVLFastCacheInfo:
@@ -357,35 +262,27 @@ class QwenVLFastCaptionFolder:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def caption(self, qwenvl_model, folder, prompt, image_quality, max_new_tokens, write_txt, overwrite, seed,
-                unique_id=None):
-        from .batch_caption import caption_folder  # noqa: PLC0415
-
-        if not isinstance(qwenvl_model, QwenVLHandle):
-            raise ql.QwenVLError("qwenvl_model must come from a 'Qwen-VL Fast Load Model' node.")
-        model, _ = ql.MANAGER.get(qwenvl_model.options)
-        bar = comfy_utils.ProgressBar(1) if comfy_utils is not None else None
-
-        def on_file(done: int, total: int) -> None:
-            if bar is not None:
-                bar.update_absolute(done, total)
-
+    def caption(self, qwenvl_model: QwenVLHandle, folder: str, write_txt: bool, overwrite: bool,
+                unique_id: str | None = None, **inputs: Any) -> dict[str, Any]:
+        handle = _handle(qwenvl_model)
+        on_progress, _ = comfy_glue.progress_callbacks(unique_id)
+        request = ql.GenerationRequest.from_inputs(inputs, should_stop=comfy_glue.interrupted)
         try:
-            results = caption_folder(
-                model, Path(folder), prompt=prompt, image_quality=image_quality, max_new_tokens=max_new_tokens,
-                write_txt=write_txt, overwrite=overwrite, seed=seed, should_stop=_interrupted, on_file=on_file,
-            )
+            results = caption_folder(handle.options, Path(folder), request, write_txt=write_txt, overwrite=overwrite,
+                                     keep_model_loaded=handle.keep_model_loaded, on_file=on_progress)
         except ql.GenerationInterrupted:
-            _raise_comfyui_interrupt()
+            comfy_glue.raise_interrupt()
             raise
-        finally:
-            if not qwenvl_model.keep_model_loaded:
-                ql.MANAGER.release()
-        _raise_comfyui_interrupt()
         captions = [r.caption for r in results]
         files = [str(r.path) for r in results]
         summary = [f"{r.path.name}: {r.status}" for r in results]
         return {"ui": {"text": summary or ["no images found"]}, "result": (captions, files)}
+
+
+def _handle(value: Any) -> QwenVLHandle:
+    if not isinstance(value, QwenVLHandle):
+        raise ql.QwenVLError("qwenvl_model must come from a 'Qwen-VL Fast Load Model' node.")
+    return value
 
 
 NODE_CLASS_MAPPINGS = {

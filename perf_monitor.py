@@ -26,17 +26,6 @@ STAGES = ("load", "hash", "preprocess", "transfer", "encode", "cache", "prompt",
 
 
 @dataclass
-class ImageRecord:
-    index: int
-    size_in: tuple[int, int]
-    size_resized: tuple[int, int]
-    tokens: int
-    preset: str
-    cache: str  # memory / disk / miss / off
-    detail_score: float | None = None
-
-
-@dataclass
 class RunRecord:
     model: str = ""
     family: str = ""
@@ -88,7 +77,8 @@ class RunRecord:
         )
 
 
-def _sync(device: torch.device | None) -> None:
+def sync_device(device: torch.device | None) -> None:
+    """Wait for the device's queued work, so a clock read after it measures the work (CUDA, MPS)."""
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
     elif device is not None and device.type == "mps" and hasattr(torch, "mps"):
@@ -110,12 +100,12 @@ class RunMonitor:
         if not self.enabled:
             yield
             return
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            _sync(self.device)
+            sync_device(self.device)
             self.add(name, time.perf_counter() - t0)
 
     def add(self, name: str, seconds: float) -> None:

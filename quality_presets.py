@@ -11,7 +11,6 @@ Presets are resolved per image on every call: nothing here is cached on the proc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +51,10 @@ class Budget:
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The Qwen-VL resize rule (same result as transformers' ``smart_resize``).
+    """The Qwen-VL resize rule: transformers' own ``smart_resize``, with errors that say what to do.
 
-    Both sides become multiples of ``factor``; the area is kept within [min_pixels, max_pixels]
-    while the aspect ratio is preserved as well as the rounding allows. Re-implemented so that a
-    cache hit can predict the grid from the original size without running the processor.
+    Both sides become multiples of ``factor``; the area is kept within [min_pixels, max_pixels]. Called
+    directly (not through the processor), so a cache hit predicts the grid from the original size alone.
     """
     if height <= 0 or width <= 0:
         raise QualityError(f"Image has an empty side ({height}x{width}); connect a non-empty image.")
@@ -65,17 +63,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
             f"Aspect ratio {max(height, width) / min(height, width):.0f}:1 is above {MAX_ASPECT_RATIO}:1 "
             "(pad the image with pad_to_max_aspect first)."
         )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as transformers_smart_resize
+
+    return transformers_smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def validate_quality(quality: str) -> str:
@@ -149,11 +139,12 @@ def resolve_budget(
     factor: int,
     native_limits: tuple[int, int] | None = None,
     image_uint8_hwc: torch.Tensor | None = None,
+    score: float | None = None,
 ) -> Budget:
     """The pixel budget for one image under ``quality``.
 
     ``native_limits`` are the processor's own (min_pixels, max_pixels), used by ``native``.
-    ``auto`` needs the image to measure its detail.
+    ``auto`` needs the image's detail: its ``score`` when already measured, else the image to measure.
     """
     quality = validate_quality(quality)
     if quality == NATIVE:
@@ -163,9 +154,10 @@ def resolve_budget(
             lo, hi = native_limits
         return Budget(NATIVE, int(lo), int(hi))
     if quality == AUTO:
-        if image_uint8_hwc is None:
-            raise QualityError("image_quality 'auto' needs the image to measure")
-        score = detail_score(image_uint8_hwc)
+        if score is None:
+            if image_uint8_hwc is None:
+                raise QualityError("image_quality 'auto' needs the image to measure")
+            score = detail_score(image_uint8_hwc)
         preset = preset_for_score(score)
         lo, hi = preset_pixels(preset, factor)
         return Budget(preset, lo, hi, chosen_by_auto=True, detail_score=round(score, 5))

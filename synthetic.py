@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .tf_compat import transformers_version
+
 log = logging.getLogger("QwenVL-Fast")
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -215,9 +217,7 @@ def build_config(preset: SyntheticPreset, text_layers: int | None = None):
     # A wider init than the default keeps random tiny models from emitting one token forever,
     # so that equality of generated text is a meaningful assertion in tests.
     text.setdefault("initializer_range", 0.02 if preset.vocab_size > 100000 else 0.5)
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) < 5 and "rope_parameters" in text:
+    if transformers_version()[0] < 5 and "rope_parameters" in text:
         # transformers 4.x spells the rotary settings rope_theta + rope_scaling.
         rope = dict(text.pop("rope_parameters"))
         text["rope_theta"] = rope.pop("rope_theta")

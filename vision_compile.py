@@ -55,6 +55,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .perf_monitor import sync_device
+
 log = logging.getLogger("QwenVL-Fast")
 
 SETTINGS = ("auto", "on", "off")
@@ -218,10 +220,8 @@ class CompileReport:
 
 
 def _synchronizer(device: str) -> Callable[[], None]:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        dev = torch.device(device)
-        return lambda: torch.cuda.synchronize(dev)
-    return lambda: None
+    dev = torch.device(device)
+    return lambda: sync_device(dev)
 
 
 # --------------------------------------------------------------------------------------------

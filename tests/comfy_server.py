@@ -223,11 +223,8 @@ class ComfyServer:
 
     def add_model(self, name: str, preset: str = "synthetic:tiny-qwen2.5-vl") -> Path:
         """Write a synthetic model folder into the server's LLM folder (also while it runs)."""
-        sys.path.insert(0, str(REPO_ROOT))
-        try:
-            import synthetic
-        finally:
-            sys.path.remove(str(REPO_ROOT))
+        from qwenvl_fast import synthetic  # the tests' conftest imported the pack (pack_path)
+
         return synthetic.save_synthetic(preset, self.llm_dir / name)
 
     def start(self, timeout: float = 120.0) -> ComfyServer:

@@ -6,7 +6,10 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # for pack_path only: the engine's modules cannot be imported as plain modules
+import pack_path  # noqa: E402
+
+pack_path.import_pack()  # the pack as `qwenvl_fast`, as ComfyUI would import it (no ComfyUI here: no nodes act)
 
 ALL_TINY_FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-qwen3.5"]
 
@@ -15,7 +18,7 @@ def _supported(names):
     """The families the installed transformers knows (Qwen3.5 arrived in 5.x; CI also runs an older one)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    import synthetic
+    from qwenvl_fast import synthetic
 
     return [n for n in names if synthetic.SYNTHETIC_PRESETS[n].family in CONFIG_MAPPING_NAMES]
 
@@ -25,7 +28,7 @@ TINY_FAMILIES = _supported(ALL_TINY_FAMILIES)
 
 def load_tiny(models_dir, family, **options):
     """A tiny test model through the process-wide manager (reused while the options are the same)."""
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     model, _ = ql.MANAGER.get(ql.LoadOptions(model=str(models_dir / family), **options))
     return model
@@ -33,7 +36,7 @@ def load_tiny(models_dir, family, **options):
 
 def tiny_request(images, **overrides):
     """A request that always generates exactly 8 tokens at the `fast` preset (overridable)."""
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     base = dict(prompt="What is this?", images=images, max_new_tokens=8, min_new_tokens=8, image_quality="fast",
                 monitor=False)
@@ -52,7 +55,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """A models/LLM-like folder with one tiny model per family (random weights, real processor)."""
-    import synthetic
+    from qwenvl_fast import synthetic
 
     base = tmp_path_factory.mktemp("LLM")
     for name in TINY_FAMILIES:
@@ -64,15 +67,13 @@ def models_dir(tmp_path_factory):
 def isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own disk-cache folder and a fresh process-wide cache and model manager."""
     monkeypatch.setenv("QWENVL_FAST_CACHE_DIR", str(tmp_path / "cache"))
-    ql = sys.modules.get("qwenvl_loader")  # only tests that use the engine pay for importing it
-    if ql is not None:
-        ql._CACHES.clear()
+    from qwenvl_fast import caches
+    from qwenvl_fast import qwenvl_loader as ql
+
+    caches._CACHES.clear()
     yield tmp_path / "cache"
-    ql = sys.modules.get("qwenvl_loader")
-    if ql is None:
-        return
     ql.MANAGER.release()
-    for cache in ql._CACHES.values():
+    for cache in caches._CACHES.values():
         if cache.disk is not None:
             cache.disk.close()
-    ql._CACHES.clear()
+    caches._CACHES.clear()

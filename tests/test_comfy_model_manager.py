@@ -12,11 +12,11 @@ import weakref
 
 import pytest
 import torch
-from comfy_contract import ModelManagement, ModelPatcherBase, other_model
 
-import comfy_model_manager as cmm
-import qwenvl_loader as ql
+from comfy_contract import ModelManagement, ModelPatcherBase, other_model
 from conftest import tiny_request
+from qwenvl_fast import comfy_model_manager as cmm
+from qwenvl_fast import qwenvl_loader as ql
 
 FLAVOURS = ["current", "2024-03"]
 TINY = "tiny-qwen2.5-vl"

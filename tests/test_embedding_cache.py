@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
-import embedding_cache as ec
-import qwenvl_loader as ql
 from conftest import ROOT, TINY_FAMILIES, load_tiny, tiny_request
+from qwenvl_fast import caches
+from qwenvl_fast import embedding_cache as ec
+from qwenvl_fast import images as image_pipeline
+from qwenvl_fast import qwenvl_loader as ql
 
 load = load_tiny
 request = tiny_request
@@ -32,13 +34,13 @@ def count_vision_calls(model):
 def count_digests(monkeypatch) -> list[int]:
     """Counts how often the engine hashes an image (a one-element list, read after the runs)."""
     count = [0]
-    real = ql.canonical_digest
+    real = image_pipeline.canonical_digest
 
     def counting(t):
         count[0] += 1
         return real(t)
 
-    monkeypatch.setattr(ql, "canonical_digest", counting)
+    monkeypatch.setattr(image_pipeline, "canonical_digest", counting)
     return count
 
 
@@ -68,7 +70,7 @@ def test_hit_runs_no_image_pipeline(models_dir, monkeypatch):
     model = load(models_dir, "tiny-qwen2.5-vl")
     imgs = images(1)
     model.run(request(imgs))
-    import fast_preprocess
+    from qwenvl_fast import fast_preprocess
 
     def boom(*a, **k):
         raise AssertionError("image pipeline ran on a hit")
@@ -103,7 +105,7 @@ def test_disk_tier_serves_a_new_cache_object(models_dir):
     model = load(models_dir, "tiny-qwen3-vl")
     imgs = images(1, seed=5)
     first = model.run(request(imgs))
-    ql._CACHES.clear()  # as after a restart: the memory tier is gone, the folder stays
+    caches._CACHES.clear()  # as after a restart: the memory tier is gone, the folder stays
     calls, handle = count_vision_calls(model)
     try:
         second = model.run(request(imgs))
@@ -139,19 +141,19 @@ def test_corrupt_and_foreign_disk_entries_are_recomputed(models_dir, isolated_ca
     imgs = images(1, seed=9)
     first = model.run(request(imgs))
     key = ql.get_cache().memory._items.copy().popitem()[0]
-    ql._CACHES.clear()
+    caches._CACHES.clear()
     raw = diskcache.Cache(str(isolated_cache))
     good = raw.get(key)
     for bad in (good[: len(good) // 2], b"garbage" * 10, ec.serialize_embedding("another-key", ec.deserialize_embedding(
             key, good))):
         raw.set(key, bad)
-        ql._CACHES.clear()
+        caches._CACHES.clear()
         result = model.run(request(imgs))
         assert result.record.images[0]["cache"] == "miss"
         assert result.token_ids == first.token_ids
     # A pickled object written by someone else is never unpickled.
     raw.set(key, {"evil": "pickle"})
-    ql._CACHES.clear()
+    caches._CACHES.clear()
     result = model.run(request(imgs))
     assert result.record.images[0]["cache"] == "miss" and result.token_ids == first.token_ids
     raw.close()
@@ -166,7 +168,7 @@ def test_read_only_cache_folder_still_runs(models_dir, tmp_path, monkeypatch, ca
         folder.mkdir()
         folder.chmod(0o500)
     monkeypatch.setenv("QWENVL_FAST_CACHE_DIR", str(folder / "sub"))
-    ql._CACHES.clear()
+    caches._CACHES.clear()
     model = load(models_dir, "tiny-qwen2.5-vl")
     with caplog.at_level("WARNING", logger="QwenVL-Fast"):
         a = model.run(request(images(1)))
@@ -251,7 +253,8 @@ def test_unload_clears_memory_tier(models_dir):
 def test_two_processes_share_the_disk_cache(tmp_path):
     """Writers in two processes at once: every entry readable afterwards, none corrupt."""
     script = (
-        "import sys, torch; sys.path.insert(0, sys.argv[3]); import embedding_cache as ec\n"
+        "import sys, torch; sys.path.insert(0, sys.argv[3]); import pack_path; pack_path.import_pack()\n"
+        "from qwenvl_fast import embedding_cache as ec\n"
         "t = ec.DiskTier(sys.argv[1], max_bytes=50_000_000)\n"
         "for i in range(60):\n"
         "    k = f'k{i % 20}'\n"

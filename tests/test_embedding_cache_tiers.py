@@ -14,7 +14,7 @@ import weakref
 import pytest
 import torch
 
-import embedding_cache as ec
+from qwenvl_fast import embedding_cache as ec
 
 # -- digest memo ---------------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ import importlib.util
 import pytest
 import torch
 
-import qwenvl_loader as ql
 from conftest import load_tiny, tiny_request
+from qwenvl_fast import qwenvl_loader as ql
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,7 +36,7 @@ def test_cuda_bf16_same_tokens_reference_fast_and_hit(models_dir, family):
 
 
 def test_cuda_upload_is_pinned_and_async(models_dir):
-    import fast_preprocess
+    from qwenvl_fast import fast_preprocess
 
     host = [torch.randint(0, 255, (64, 80, 3), dtype=torch.uint8) for _ in range(3)]
     out = fast_preprocess.upload(host, "cuda")
@@ -46,7 +46,7 @@ def test_cuda_upload_is_pinned_and_async(models_dir):
 
 
 def test_cuda_no_host_sync_in_fast_preprocess():
-    import fast_preprocess
+    from qwenvl_fast import fast_preprocess
 
     imgs = fast_preprocess.upload([torch.randint(0, 255, (300, 400, 3), dtype=torch.uint8)], "cuda")
     torch.cuda.synchronize()
@@ -92,7 +92,7 @@ def test_quantization_4bit(models_dir):
 
 
 def test_compile_on_cuda_matches_eager_and_bounds_recompiles(models_dir):
-    import vision_compile
+    from qwenvl_fast import vision_compile
 
     ok, why = vision_compile.compiler_status(torch.device("cuda"))
     if not ok:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import sys
 import weakref
@@ -16,25 +15,20 @@ from conftest import ROOT, TINY_FAMILIES
 
 @pytest.fixture(scope="module")
 def pack():
-    """Import the repository as a package, the way ComfyUI imports a custom node folder."""
-    name = "qwenvl_fast_pack"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The repository imported as a package, the way ComfyUI imports a custom node folder (conftest did it)."""
+    return sys.modules["qwenvl_fast"]
 
 
 @pytest.fixture
 def nodes(pack, models_dir, monkeypatch):
     monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(models_dir))
-    ql = sys.modules[f"{pack.__name__}.qwenvl_loader"]
-    ql._CACHES.clear()
-    yield sys.modules[f"{pack.__name__}.nodes"]
+    from qwenvl_fast import caches, nodes
+    from qwenvl_fast import qwenvl_loader as ql
+
+    caches._CACHES.clear()
+    yield nodes
     ql.MANAGER.release()
-    ql._CACHES.clear()
+    caches._CACHES.clear()
 
 
 def run_node(nodes, model, image=None, **overrides):
@@ -188,14 +182,19 @@ def test_alpha_is_composited_onto_white(nodes):
     assert out.dtype == torch.uint8 and torch.all(out == 255)
 
 
+# ComfyUI calls a node's function with keyword arguments, one per input.
+LOAD_INPUTS = dict(model="tiny-qwen2.5-vl", quantization="none", attention_mode="auto", dtype="auto", device="auto",
+                   compile_vision="off", keep_model_loaded=True)
+
+
 def test_load_and_generate_nodes_share_one_model(nodes):
-    (handle,) = nodes.QwenVLFastLoadModel().load("tiny-qwen2.5-vl", "none", "auto", "auto", "auto", "off", True)
+    (handle,) = nodes.QwenVLFastLoadModel().load(**LOAD_INPUTS)
     gen = nodes.QwenVLFastGenerate()
     common = dict(system_prompt="", image_quality="fast", enable_image_cache=True, max_new_tokens=4,
                   do_sample=False, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.0, seed=0,
                   batch_mode="one prompt, all images")
-    a = gen.generate(handle, prompt="First?", image=image_batch(), **common)
-    b = gen.generate(handle, prompt="Second?", image=image_batch(), **common)
+    a = gen.generate(qwenvl_model=handle, prompt="First?", image=image_batch(), **common)
+    b = gen.generate(qwenvl_model=handle, prompt="Second?", image=image_batch(), **common)
     ta, tb = json.loads(a["result"][2]), json.loads(b["result"][2])
     assert ta["model_loaded_this_run"] is False and tb["model_loaded_this_run"] is False  # loaded by the loader
     assert tb["images"][0]["cache"] == "memory"
@@ -219,8 +218,10 @@ def test_caption_folder_writes_and_skips(nodes, tmp_path):
         Image.new("RGB", (40 + i * 10, 30), (i * 60, 100, 200)).save(folder / f"img{i}.png")
     (folder / "broken.png").write_bytes(b"not a png")
     (folder / "img0.txt").write_text("already done", encoding="utf-8")
-    (handle,) = nodes.QwenVLFastLoadModel().load("tiny-qwen2.5-vl", "none", "auto", "auto", "auto", "off", True)
-    out = nodes.QwenVLFastCaptionFolder().caption(handle, str(folder), "Caption.", "fast", 4, True, False, 0)
+    (handle,) = nodes.QwenVLFastLoadModel().load(**LOAD_INPUTS)
+    out = nodes.QwenVLFastCaptionFolder().caption(
+        qwenvl_model=handle, folder=str(folder), prompt="Caption.", image_quality="fast", max_new_tokens=4,
+        write_txt=True, overwrite=False, seed=0)
     captions, files = out["result"]
     by_name = {p.split("/")[-1]: c for p, c in zip(files, captions)}
     assert by_name["img0.png"] == "already done"
@@ -232,7 +233,8 @@ def test_caption_folder_writes_and_skips(nodes, tmp_path):
 
 
 def test_thinking_block_is_split_out(pack):
-    ql = sys.modules[f"{pack.__name__}.qwenvl_loader"]
+    from qwenvl_fast import qwenvl_loader as ql
+
     assert ql.split_thinking("<think>\nlet me see</think>\n\nA cat.") == ("A cat.", "let me see")
     assert ql.split_thinking("plain answer") == ("plain answer", "")
     assert ql.split_thinking("<think>still thinking") == ("", "still thinking")
@@ -253,7 +255,7 @@ def test_importing_the_pack_loads_and_writes_nothing(tmp_path):
         "ql = sys.modules['p.qwenvl_loader']\n"
         "assert ql.MANAGER.current is None and ql.MANAGER.load_count == 0\n"
         "assert not torch.cuda.is_initialized()\n"
-        "assert not ql._CACHES\n"
+        "assert not sys.modules['p.caches']._CACHES\n"
         "print('ok')\n"
     )
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(home / "xdg")}

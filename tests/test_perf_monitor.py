@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import perf_monitor as pm
+from qwenvl_fast import perf_monitor as pm
 
 GiB = 2**30
 
@@ -266,7 +266,7 @@ HIT_STAGES = {"hash", "prompt", "prefill", "decode"}
 
 
 def _request(images, **kw):
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     base = dict(prompt="What is this?", images=images, max_new_tokens=8, min_new_tokens=8, image_quality="fast")
     base.update(kw)
@@ -290,7 +290,7 @@ def _check_accounting(r, expected_stages):
 
 @pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_stage_accounting_on_a_real_run(models_dir, family, monkeypatch, caplog):
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     monkeypatch.setattr(ql, "TIPS", pm.TipBook())
     caplog.set_level(logging.INFO, logger="QwenVL-Fast")
@@ -318,7 +318,7 @@ def test_stage_accounting_on_a_real_run(models_dir, family, monkeypatch, caplog)
 
 
 def test_decode_rate_with_one_answer_per_image(models_dir):
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     options = ql.LoadOptions(model=str(models_dir / "tiny-qwen2.5-vl"))
     g = torch.Generator().manual_seed(3)
@@ -329,7 +329,7 @@ def test_decode_rate_with_one_answer_per_image(models_dir):
 
 
 def test_monitor_off_on_a_loaded_model(models_dir, monkeypatch, caplog):
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     monkeypatch.setattr(ql, "TIPS", pm.TipBook())
     options = ql.LoadOptions(model=str(models_dir / "tiny-qwen2.5-vl"))
@@ -342,7 +342,7 @@ def test_monitor_off_on_a_loaded_model(models_dir, monkeypatch, caplog):
 
 
 def test_monitor_off_when_the_run_loads_the_model(models_dir, monkeypatch):
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     monkeypatch.setattr(ql, "TIPS", pm.TipBook())
     options = ql.LoadOptions(model=str(models_dir / "tiny-qwen2.5-vl"))

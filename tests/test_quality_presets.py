@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as tf_smart_resize
 
-import quality_presets as qp
 from conftest import TINY_FAMILIES
+from qwenvl_fast import quality_presets as qp
 
 FACTORS = (28, 32)  # Qwen2/2.5-VL; Qwen3-VL/3.5
 PRESETS = tuple(qp.PRESET_TOKEN_BUDGETS)
@@ -243,15 +243,15 @@ ENGINE_SIZES = [(1, 1), (27, 27), (33, 500), (480, 640), (1, 4000), (20000, 20)]
 
 
 def _load(models_dir, family):
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     model, _ = ql.MANAGER.get(ql.LoadOptions(model=str(models_dir / family)))
     return model
 
 
 def _prepare(model, image, quality):
-    import perf_monitor as pm
-    import qwenvl_loader as ql
+    from qwenvl_fast import perf_monitor as pm
+    from qwenvl_fast import qwenvl_loader as ql
 
     req = ql.GenerationRequest(prompt="Describe.", images=[image], image_quality=quality, monitor=False)
     prepared = model._prepare([image], req, None, pm.RunMonitor(enabled=False))
@@ -279,7 +279,7 @@ def test_engine_prompt_has_predicted_image_tokens(models_dir, family):
             item, inputs = _prepare(model, image, preset)
             mn, mx = qp.preset_pixels(preset, factor)
             predicted = tokens_of(qp.smart_resize(ph, pw, factor, mn, mx), factor)
-            pads = int((inputs["input_ids"] == model.image_token_id).sum())
+            pads = int((inputs["input_ids"] == model.prompts.image_token_id).sum())
             assert item.size_in == (ph, pw)
             assert pads == predicted and lo <= pads <= hi, (family, (h, w), preset)
             assert tuple(inputs["image_grid_thw"][0].tolist()) == item.grid
@@ -296,14 +296,15 @@ def test_engine_prompt_has_predicted_image_tokens(models_dir, family):
 def test_engine_native_uses_processor_limits(models_dir, family):
     model = _load(models_dir, family)
     size = model.processor.image_processor.size
-    assert model.native_limits == (int(size["shortest_edge"]), int(size["longest_edge"]))
+    assert model.image_spec.native_limits == (int(size["shortest_edge"]), int(size["longest_edge"]))
     image = torch.rand(300, 500, 3, generator=torch.Generator().manual_seed(1))
     item, inputs = _prepare(model, image, "native")
-    assert (item.budget.min_pixels, item.budget.max_pixels) == model.native_limits
+    assert (item.budget.min_pixels, item.budget.max_pixels) == model.image_spec.native_limits
     pil = Image.fromarray(item.canonical.numpy())
     grid = model.processor.image_processor(images=[pil], return_tensors="pt")["image_grid_thw"]  # its defaults
     assert tuple(grid[0].tolist()) == item.grid
-    assert int((inputs["input_ids"] == model.image_token_id).sum()) == item.tokens // model.family.merge_size ** 2
+    image_tokens = int((inputs["input_ids"] == model.prompts.image_token_id).sum())
+    assert image_tokens == item.tokens // model.family.merge_size ** 2
 
 
 @pytest.mark.parametrize("family", ["tiny-qwen2-vl", "tiny-qwen3.5"])
@@ -316,7 +317,7 @@ def test_engine_auto_flat_vs_detailed(models_dir, family):
 
 
 def test_engine_rejects_unknown_preset(models_dir):
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     model = _load(models_dir, "tiny-qwen2.5-vl")
     req = ql.GenerationRequest(prompt="x", images=[torch.rand(32, 32, 3)], image_quality="turbo", monitor=False)
@@ -327,7 +328,7 @@ def test_engine_rejects_unknown_preset(models_dir):
 @pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_engine_runs_extreme_strips(models_dir, family):
     """1x4000 and 20000x20 float images run end to end: padded to 200:1, tokens within the budget."""
-    import qwenvl_loader as ql
+    from qwenvl_fast import qwenvl_loader as ql
 
     model = _load(models_dir, family)
     g = torch.Generator().manual_seed(2)

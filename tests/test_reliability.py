@@ -17,9 +17,9 @@ import threading
 import pytest
 import torch
 
-import quality_presets as qp
-import qwenvl_loader as ql
 from conftest import ROOT
+from qwenvl_fast import quality_presets as qp
+from qwenvl_fast import qwenvl_loader as ql
 
 FAMILY = "tiny-qwen2.5-vl"
 # A fixed image whose values are exact multiples of 1/255, so uint8/float16 copies have the same canonical bytes.
@@ -217,7 +217,7 @@ def test_special_tokens_in_the_prompt_make_no_fake_slots(model, ref, injected):
     for special in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"):
         sid = tok.convert_tokens_to_ids(special)
         assert int((ids == sid).sum()) == int((clean == sid).sum()), special
-    assert int((ids == model.image_token_id).sum()) == prepared[0].tokens // merge2
+    assert int((ids == model.prompts.image_token_id).sum()) == prepared[0].tokens // merge2
     result = model.run(request(prompt=injected))
     assert len(result.token_ids[0]) == 6
     assert_usable(model, ref)
@@ -412,7 +412,7 @@ def test_interrupted_download_resumes_and_is_never_used_half_done(tmp_path, mode
         with pytest.raises(ql.ModelNotFoundError, match="interrupted download .*resume the download"):
             ql.resolve_model(name, dirs=[tmp_path])
     with pytest.raises(ql.ModelNotFoundError, match="interrupted download"):
-        ql._check_folder(target)
+        ql.check_folder(target)
     loaded = ql.load_model(ql.LoadOptions(model="Qwen/Fake-VL"))  # resumes
     assert calls == ["Qwen/Fake-VL", "Qwen/Fake-VL"]
     assert not (target / ql.INCOMPLETE_MARKER).exists()
@@ -579,7 +579,8 @@ def test_generation_writes_nothing_outside_its_folders(models_dir, tmp_path):
     code = (
         "import sys, torch\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import qwenvl_loader as ql\n"
+        "import pack_path; pack_path.import_pack()\n"
+        "from qwenvl_fast import qwenvl_loader as ql\n"
         f"opts = ql.LoadOptions(model={str(models_dir / FAMILY)!r})\n"
         "req = ql.GenerationRequest(prompt='Hi', images=[torch.rand(40, 50, 3)], max_new_tokens=3,\n"
         "                           image_quality='fast', monitor=True)\n"
@@ -597,10 +598,10 @@ def test_generation_writes_nothing_outside_its_folders(models_dir, tmp_path):
     assert any(p.is_file() for p in cache.rglob("*")), "the disk cache was not written where it was told"
 
 
-def test_caption_folder_ignores_links_leaving_the_folder(model, tmp_path):
+def test_caption_folder_ignores_links_leaving_the_folder(models_dir, tmp_path):
     from PIL import Image
 
-    import batch_caption as bc
+    from qwenvl_fast import batch_caption as bc
 
     folder, outside = tmp_path / "pics", tmp_path / "outside"
     folder.mkdir()
@@ -616,7 +617,8 @@ def test_caption_folder_ignores_links_leaving_the_folder(model, tmp_path):
 
     assert [p.name for p in bc.list_images(folder)] == ["dangling.png", "linked_txt.png", "real.png"]
     for overwrite in (False, True):
-        results = bc.caption_folder(model, folder, prompt="Caption.", image_quality="fast", max_new_tokens=3,
+        results = bc.caption_folder(ql.LoadOptions(model=str(models_dir / FAMILY)), folder,
+                                    ql.GenerationRequest(prompt="Caption.", image_quality="fast", max_new_tokens=3),
                                     overwrite=overwrite)
         status = {r.path.name: r.status for r in results}
         assert status["real.png"] == "written"
@@ -628,12 +630,13 @@ def test_caption_folder_ignores_links_leaving_the_folder(model, tmp_path):
     assert (folder / "real.txt").is_file()
 
 
-def test_caption_folder_given_a_file_is_a_clear_error(model, tmp_path):
-    import batch_caption as bc
+def test_caption_folder_given_a_file_is_a_clear_error(models_dir, tmp_path):
+    from qwenvl_fast import batch_caption as bc
 
     f = tmp_path / "photo.png"
     f.write_bytes(b"x")
     with pytest.raises(ql.QwenVLError, match="is not a folder: give the full path of the folder"):
-        bc.caption_folder(model, f, prompt="Caption.")
+        bc.caption_folder(ql.LoadOptions(model=str(models_dir / FAMILY)), f, ql.GenerationRequest(prompt="Caption."))
     with pytest.raises(ql.QwenVLError, match="is not a folder"):
-        bc.caption_folder(model, tmp_path / "missing", prompt="Caption.")
+        bc.caption_folder(ql.LoadOptions(model=str(models_dir / FAMILY)), tmp_path / "missing",
+                          ql.GenerationRequest(prompt="Caption."))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import qwenvl_loader as ql
-import vision_attention as va
 from conftest import TINY_FAMILIES
+from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast import vision_attention as va
 
 
 def request(images, **kw):

@@ -1,0 +1,403 @@
+"""The engine: one request in, answers out, for a loaded model.
+
+``QwenVLModel.run`` orchestrates: images (``images.py``) -> cache or vision tower -> prompt
+(``prompting.py``) -> ``generate`` (cached embeddings passed the way the installed transformers takes
+them, ``tf_compat.py``) -> answers and a timing record (``perf_monitor.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import quality_presets as qp
+from . import tf_compat
+from .caches import get_cache
+from .embedding_cache import ImageEmbedding
+from .errors import GenerationInterrupted, QwenVLError
+from .images import ImageSpec, PreparedImage, canonicalize_image, pixel_values_for, prepare_images
+from .model_sources import FamilyInfo, ModelSource
+from .perf_monitor import RunMonitor, RunRecord, TokenTimer
+from .prompting import PromptBuilder, split_thinking
+from .runtime_choice import release_memory
+
+if TYPE_CHECKING:
+    from .qwenvl_loader import LoadOptions
+
+log = logging.getLogger("QwenVL-Fast")
+
+BATCH_MODES = ["one prompt, all images", "one answer per image"]
+
+PREPROCESS_CHOICES = ["fast", "reference"]
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    images: list[torch.Tensor] = field(default_factory=list)
+    system_prompt: str = ""
+    image_quality: str = qp.DEFAULT_QUALITY
+    enable_image_cache: bool = True
+    disk_cache: bool = True
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    batch_mode: str = BATCH_MODES[0]
+    preprocess: str = "fast"
+    monitor: bool = True
+    should_stop: Callable[[], bool] | None = None
+    on_progress: Callable[[int, int], None] | None = None
+    on_text: Callable[[str], None] | None = None
+
+    @classmethod
+    def from_inputs(cls, inputs: Mapping[str, Any], **overrides: Any) -> GenerationRequest:
+        """A request from a node's (or any caller's) keyword inputs: the fields it knows, the rest ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in inputs.items() if k in names}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    thinking: list[str]
+    record: RunRecord
+    token_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(self.texts)
+
+STREAM_EVERY_TOKENS = 8  # partial text sent to the UI this often: decoding every token would cost more
+
+def _check_stop(req: GenerationRequest, rec: RunRecord) -> None:
+    if req.should_stop is not None and req.should_stop():
+        rec.interrupted = True
+        raise GenerationInterrupted("Generation was interrupted.")
+
+class _StopFlag:
+    """A stopping criterion that polls the caller's interrupt flag once per generated token."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None) -> None:
+        self.should_stop = should_stop
+        self.stopped = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        stop = bool(self.should_stop and self.should_stop())
+        self.stopped = self.stopped or stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class QwenVLModel:
+    """A loaded model with its processor: orchestrates one request from images to answers."""
+
+    def __init__(self, *, options: LoadOptions, source: ModelSource, model: Any, processor: Any, config: Any,
+                 family: FamilyInfo, device: torch.device, dtype: torch.dtype, attention: str,
+                 load_seconds: float, weights_identity: str) -> None:
+        self.options = options
+        self.source = source
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.family = family
+        self.device = device
+        self.dtype = dtype
+        self.attention = attention
+        self.load_seconds = load_seconds
+        self.weights_identity = weights_identity
+        self.use_mm_encoder_outputs = tf_compat.supports_mm_encoder_outputs(model)
+        self._deepstack_output_cls = tf_compat.deepstack_output_class(model)
+        self.compile_report: Any = None
+        self.vision_attention = attention
+        self.usable = True
+        self._lock = threading.Lock()
+        self.vision_calls = 0
+        self.tokenizer = processor.tokenizer
+        self.prompts = PromptBuilder(processor, config.image_token_id, family.merge_size,
+                                     tf_compat.takes_mm_token_type_ids(model))
+        text_cfg = getattr(config, "text_config", config)
+        self.context_length = int(getattr(text_cfg, "max_position_embeddings", 32768))
+        ip = processor.image_processor
+        size = getattr(ip, "size", None) or {}
+        lo = size.get("shortest_edge") or getattr(ip, "min_pixels", None)
+        hi = size.get("longest_edge") or getattr(ip, "max_pixels", None)
+        self.image_spec = ImageSpec(
+            patch_size=family.patch_size, merge_size=family.merge_size,
+            temporal_patch_size=family.temporal_patch_size,
+            image_mean=tuple(float(v) for v in ip.image_mean), image_std=tuple(float(v) for v in ip.image_std),
+            native_limits=(int(lo), int(hi)) if lo and hi else None, device=device, pixel_dtype=self.visual_dtype,
+            weights_identity=weights_identity, image_processor=ip,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self.usable = False
+        model = self.model
+        self.model = None
+        if model is not None:
+            try:
+                if self.options.quantization == "none" and self.device.type != "cpu":
+                    model.to("cpu")  # drops the device copies at once, even if a reference lingers
+            except Exception:
+                pass
+            del model
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.model.visual
+
+    @property
+    def visual_dtype(self) -> torch.dtype:
+        try:
+            return next(self.visual.parameters()).dtype
+        except StopIteration:  # pragma: no cover
+            return self.dtype
+
+    def set_compile(self, setting: str) -> None:
+        from .vision_compile import compile_vision_tower
+
+        self.compile_report = compile_vision_tower(self.model, setting, device=self.device)
+
+    @property
+    def cache_key_extra(self) -> str:
+        """Compiled and eager towers agree to ~1e-7, not bit for bit: their embeddings are kept apart."""
+        report = self.compile_report
+        return "|compiled" if report is not None and report.enabled else ""
+
+    # -- vision ----------------------------------------------------------------------------
+    def encode(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> list[ImageEmbedding]:
+        """Run the vision tower once over all images; split its output per image."""
+        self.vision_calls += 1
+        grid_host = grid.to("cpu")
+        out = self.visual(pixel_values, grid_thw=grid.to(self.device))
+        embeds, deepstack = tf_compat.vision_outputs(out)
+        merge2 = self.family.merge_size ** 2
+        sizes = [int(t * h * w) // merge2 for t, h, w in grid_host.tolist()]
+        per_embeds = torch.split(embeds, sizes)
+        per_deep = [torch.split(level, sizes) for level in deepstack]
+        return [ImageEmbedding(per_embeds[i], [lvl[i] for lvl in per_deep], (int(t), int(h), int(w)))
+                for i, (t, h, w) in enumerate(grid_host.tolist())]
+
+    def build_inputs(self, prompt: str, system_prompt: str, images: list[PreparedImage]) -> dict[str, torch.Tensor]:
+        return self.prompts.build_inputs(prompt, system_prompt, images)
+
+    def _prepare(self, images: list[torch.Tensor], req: GenerationRequest, cache: Any,
+                 mon: RunMonitor) -> list[PreparedImage]:
+        return prepare_images(images, req.image_quality, self.image_spec, cache, mon, self.cache_key_extra)
+
+    def _embed_misses(self, req: GenerationRequest, prepared: list[PreparedImage], cache: Any,
+                      mon: RunMonitor) -> None:
+        """Encode every image the cache did not have, in one vision-tower call, and store the results."""
+        misses = [p for p in prepared if p.embedding is None]
+        if not misses:
+            return
+        for m in misses:
+            if m.canonical is None:
+                m.canonical = canonicalize_image(req.images[m.index])
+        _check_stop(req, mon.record)  # before the vision tower: an interrupt must not cost a whole encode
+        pixel_values, grid = pixel_values_for(misses, self.image_spec, req.preprocess, mon)
+        with mon.stage("encode"), torch.inference_mode():
+            t0 = time.perf_counter()
+            encoded = self.encode(pixel_values, grid)
+            if self.compile_report is not None and hasattr(self.compile_report, "note_call"):
+                self.compile_report.note_call(time.perf_counter() - t0)
+        del pixel_values
+        for m, emb in zip(misses, encoded):
+            if emb.grid != m.grid:
+                raise QwenVLError(f"internal: grid {emb.grid} != predicted {m.grid}")
+            m.embedding = emb
+            m.tier = "miss" if cache is not None else "off"
+            m.canonical = None
+        if cache is not None:
+            with mon.stage("cache"):
+                for m in misses:
+                    cache.put(m.key, m.embedding)
+
+    # -- run -------------------------------------------------------------------------------
+    def run(self, req: GenerationRequest) -> GenerationResult:
+        if not self.usable or self.model is None:
+            raise QwenVLError("This model was unloaded; run the loader again.")
+        with self._lock:
+            return self._run(req)
+
+    def _new_monitor(self, req: GenerationRequest) -> RunMonitor:
+        mon = RunMonitor(enabled=req.monitor, device=self.device)
+        rec = mon.record
+        rec.model = self.options.model
+        rec.family = self.family.name
+        rec.device = str(self.device)
+        rec.dtype = str(self.dtype).replace("torch.", "")
+        rec.quantization = self.options.quantization
+        rec.attention = self.attention
+        rec.vision_attention = self.vision_attention
+        rec.quality = qp.validate_quality(req.image_quality)
+        if self.compile_report is not None:
+            rec.compile = "on" if self.compile_report.enabled else f"off ({self.compile_report.reason})"
+            rec.compile_warmup_s = getattr(self.compile_report, "warmup_s", None)
+        return mon
+
+    def _run(self, req: GenerationRequest) -> GenerationResult:
+        if req.batch_mode not in BATCH_MODES:
+            raise QwenVLError(f"Unknown batch_mode '{req.batch_mode}': choose one of {BATCH_MODES}.")
+        mon = self._new_monitor(req)
+        rec = mon.record
+        cache = get_cache(req.disk_cache) if req.enable_image_cache else None
+        try:
+            prepared = self._prepare(req.images, req, cache, mon)
+            self._embed_misses(req, prepared, cache, mon)
+            for p in prepared:
+                rec.images.append({
+                    "index": p.index, "size_in": list(p.size_in), "size_resized": list(p.size),
+                    "tokens": p.tokens // self.family.merge_size ** 2, "preset": p.budget.label,
+                    "detail_score": p.budget.detail_score, "cache": p.tier,
+                })
+            one_each = req.batch_mode == BATCH_MODES[1] and len(prepared) > 1
+            groups = [[p] for p in prepared] if one_each else [prepared]
+            texts, thoughts, token_ids = [], [], []
+            for n, group in enumerate(groups):
+                _check_stop(req, rec)  # before each prefill
+                raw, ids = self._generate(req, group, mon, part=(n, len(groups)))
+                token_ids.append(ids)
+                answer, thinking = split_thinking(raw)
+                texts.append(answer)
+                thoughts.append(thinking)
+        except torch.OutOfMemoryError as exc:
+            release_memory()
+            raise QwenVLError(
+                "Out of memory. Use a cheaper image_quality ('balanced' or 'fast'), fewer images per prompt, "
+                "fewer max_new_tokens, or quantization '4-bit'."
+            ) from exc
+        mon.finish()
+        if cache is not None:  # after finish: these statistics are bookkeeping, not part of the run's time
+            rec.cache_stats = cache.info()
+        return GenerationResult(texts, thoughts, rec, token_ids)
+
+    def _sampling_kwargs(self, req: GenerationRequest, max_new: int) -> dict[str, Any]:
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new, min_new_tokens=min(req.min_new_tokens, max_new))
+        temperature = float(req.temperature)
+        if bool(req.do_sample) and temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=min(max(float(req.top_p), 1e-6), 1.0),
+                              top_k=max(int(req.top_k), 0))
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if req.repetition_penalty and float(req.repetition_penalty) != 1.0:
+            gen_kwargs["repetition_penalty"] = max(float(req.repetition_penalty), 1e-3)
+        seed = int(req.seed) % (2**63)
+        torch.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        return gen_kwargs
+
+    def _fit_context(self, prompt_len: int, max_new: int) -> int:
+        if prompt_len >= self.context_length:
+            raise QwenVLError(
+                f"The prompt is {prompt_len} tokens but the model's context is {self.context_length}: shorten the "
+                "prompt, use fewer images or a cheaper image_quality."
+            )
+        if prompt_len + max_new > self.context_length:
+            max_new = self.context_length - prompt_len
+            log.warning("[QwenVL-Fast] max_new_tokens reduced to %d to fit the model's context", max_new)
+        return max_new
+
+    def _generate(self, req: GenerationRequest, group: list[PreparedImage], mon: RunMonitor,
+                  part: tuple[int, int]) -> tuple[str, list[int]]:
+        from transformers import StoppingCriteriaList
+
+        rec = mon.record
+        with mon.stage("prompt"):
+            inputs = self.build_inputs(req.prompt, req.system_prompt, group)
+        prompt_len = int(inputs["input_ids"].shape[1])
+        rec.prompt_tokens += prompt_len
+        if int(req.max_new_tokens) <= 0:
+            return "", []
+        max_new = self._fit_context(prompt_len, int(req.max_new_tokens))
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        gen_kwargs = self._sampling_kwargs(req, max_new)
+        stop = _StopFlag(req.should_stop)
+        done_tokens = [0]
+        base, total = part[0] * max_new, part[1] * max_new
+        streamed: list[int] = []
+
+        def on_token(value: torch.Tensor) -> None:
+            done_tokens[0] += 1
+            if req.on_progress is not None:
+                req.on_progress(base + done_tokens[0], total)
+            if req.on_text is not None:
+                streamed.extend(int(v) for v in value.reshape(-1).tolist())  # a host tensor: no device sync
+                if done_tokens[0] % STREAM_EVERY_TOKENS == 0:
+                    req.on_text(self.prompts.decode_partial(streamed))
+
+        timer = TokenTimer(on_token=on_token)
+        restore = self._pass_embeddings([g.embedding for g in group], gen_kwargs)
+        pad_id = self.tokenizer.pad_token_id
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **inputs, **gen_kwargs, stopping_criteria=StoppingCriteriaList([stop]), streamer=timer,
+                    pad_token_id=pad_id if pad_id is not None else self.tokenizer.eos_token_id,
+                )
+        finally:
+            timer.end()
+            if restore is not None:
+                restore()
+        mon.add("prefill", timer.prefill_s)
+        mon.add("decode", timer.decode_s)
+        new_ids = output[0, prompt_len:]
+        rec.new_tokens += int(new_ids.numel())
+        if stop.stopped:
+            rec.interrupted = True
+            raise GenerationInterrupted("Generation was interrupted.")
+        raw = self.prompts.decode_answer(new_ids)
+        if req.on_text is not None:
+            req.on_text(raw)
+        return raw, new_ids.tolist()
+
+    def _pass_embeddings(self, embeddings: list[ImageEmbedding],
+                         gen_kwargs: dict[str, Any]) -> Callable[[], None] | None:
+        """Hand the images' embeddings to generate; the vision tower never runs inside it."""
+        if not embeddings:
+            return None
+        levels = self.family.deepstack_levels
+        if self.use_mm_encoder_outputs:
+            gen_kwargs["mm_encoder_outputs"] = {
+                "image": tf_compat.encoder_outputs(embeddings, levels, self._deepstack_output_cls)}
+            return None
+        flat = 3 * self.family.temporal_patch_size * self.family.patch_size ** 2
+        placeholder = torch.empty((0, flat), dtype=self.visual_dtype, device=self.device)
+        features = tf_compat.legacy_features(embeddings, levels, self._deepstack_output_cls)
+        return tf_compat.install_feature_override(self.model, features, placeholder, gen_kwargs)
+
+
+def expected_decode_tokens_per_s(model: QwenVLModel) -> float | None:
+    """Memory-bound decode estimate: GPU memory bandwidth / bytes of weights read per token."""
+    if model.device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(model.device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    bandwidth = clock_khz * 1000 * 2 * bus_bits / 8  # double data rate
+    weights = model.param_bytes()
+    return bandwidth / weights if weights else None
+
+
+def unquantized_bf16_bytes(model: QwenVLModel) -> int:
+    """The model's size in bf16; transformers counts packed 4-bit weights as the parameters they hold."""
+    return int(model.model.num_parameters()) * 2

@@ -1,0 +1,95 @@
+"""From the user's words to token ids, and from generated ids back to an answer.
+
+The chat template places one slot per image; each slot becomes as many image-pad tokens as the image
+costs, computed from its grid, so the processor never has to see the pixels (a cache hit needs none).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import QwenVLError
+
+if TYPE_CHECKING:
+    from .images import PreparedImage
+
+log = logging.getLogger("QwenVL-Fast")
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+_CONTROL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>",
+                   "<|im_end|>", "<|endoftext|>")
+
+
+def split_thinking(raw: str) -> tuple[str, str]:
+    """(answer, reasoning). Thinking models open with <think> (often in the template) and close with </think>."""
+    if THINK_END in raw:
+        reasoning, _, answer = raw.partition(THINK_END)
+        return answer.strip(), reasoning.replace(THINK_START, "").strip()
+    if raw.lstrip().startswith(THINK_START):
+        # Cut off while still reasoning: there is no answer yet.
+        return "", raw.replace(THINK_START, "").strip()
+    return raw.strip(), ""
+
+
+class PromptBuilder:
+    """The chat template, the image slots and the special tokens of one loaded model."""
+
+    def __init__(self, processor: Any, image_token_id: int, merge_size: int, with_mm_token_type_ids: bool) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.image_token_id = int(image_token_id)
+        self.merge_size = merge_size
+        self.with_mm_token_type_ids = with_mm_token_type_ids
+        self._reserved = [t for t in (*_CONTROL_TOKENS, self.image_token) if t]
+
+    def clean_user_text(self, text: str) -> str:
+        """The user's text without chat-template control tokens (they would forge turns or image slots)."""
+        cleaned, previous = text, None
+        while cleaned != previous:  # until stable: removing one token must not join the pieces of another
+            previous = cleaned
+            for tok in self._reserved:
+                cleaned = cleaned.replace(tok, "")
+        if cleaned != text:
+            log.warning("[QwenVL-Fast] removed chat-template control tokens from the prompt text")
+        return cleaned
+
+    def build_inputs(self, prompt: str, system_prompt: str, images: list[PreparedImage]) -> dict[str, torch.Tensor]:
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": self.clean_user_text(prompt)})
+        messages: list[dict[str, Any]] = []
+        if system_prompt.strip():
+            messages.append({"role": "system", "content": [{"type": "text",
+                                                             "text": self.clean_user_text(system_prompt)}]})
+        messages.append({"role": "user", "content": content})
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        merge2 = self.merge_size ** 2
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(images):
+            raise QwenVLError(f"The chat template produced {len(pieces) - 1} image slots for {len(images)} images.")
+        out = pieces[0]
+        for img, piece in zip(images, pieces[1:]):
+            out += self.image_token * (img.tokens // merge2) + piece
+        enc = self.tokenizer(out, return_tensors="pt", add_special_tokens=False)
+        ids = enc["input_ids"]
+        inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"]}
+        if self.with_mm_token_type_ids:
+            inputs["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
+        if images:
+            inputs["image_grid_thw"] = torch.tensor([img.grid for img in images], dtype=torch.long)
+        return inputs
+
+    def decode_answer(self, new_ids: torch.Tensor) -> str:
+        """Generated ids to text, special tokens removed except the thinking markers (split_thinking needs them)."""
+        raw = self.tokenizer.decode(new_ids, skip_special_tokens=False)
+        for tok in self.tokenizer.all_special_tokens:
+            if tok not in (THINK_START, THINK_END):
+                raw = raw.replace(tok, "")
+        return raw
+
+    def decode_partial(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
