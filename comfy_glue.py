@@ -40,11 +40,10 @@ def connect() -> None:
     if registered is None or default not in registered[0]:
         folder_paths.add_model_folder_path("LLM", default)  # plus what extra_model_paths.yaml adds under LLM
     model_sources.set_host_model_dirs(lambda: folder_paths.get_folder_paths("LLM"))
-    if hasattr(embedding_cache, "set_default_cache_root"):
-        # The user directory survives restarts; very old ComfyUI versions only have a temp directory.
-        root = (folder_paths.get_user_directory() if hasattr(folder_paths, "get_user_directory")
-                else folder_paths.get_temp_directory() if hasattr(folder_paths, "get_temp_directory") else None)
-        embedding_cache.set_default_cache_root(root)
+    # The user directory survives restarts; very old ComfyUI versions only have a temp directory.
+    root = (folder_paths.get_user_directory() if hasattr(folder_paths, "get_user_directory")
+            else folder_paths.get_temp_directory() if hasattr(folder_paths, "get_temp_directory") else None)
+    embedding_cache.set_default_cache_root(root)
     if mm is not None:
         try:
             from comfy.model_patcher import ModelPatcher  # type: ignore[import-not-found]
