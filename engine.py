@@ -37,6 +37,11 @@ BATCH_MODES = ["one prompt, all images", "one answer per image"]
 
 PREPROCESS_CHOICES = ["fast", "reference"]
 
+# "one answer per image": the answers are generated together, in batches of at most this many tokens (rows x
+# (longest prompt + max_new_tokens), what the KV cache holds at the end). 16k tokens of KV cache are ~0.6 GiB
+# for a 3B model and ~0.9 GiB for a 7B one in bf16; 0 (or any budget a single row exceeds) means one by one.
+ANSWER_BATCH_TOKENS = 16384
+
 
 @dataclass
 class GenerationRequest:
@@ -55,6 +60,7 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     seed: int = 0
     batch_mode: str = BATCH_MODES[0]
+    answer_batch_tokens: int = ANSWER_BATCH_TOKENS
     preprocess: str = "fast"
     monitor: bool = True
     should_stop: Callable[[], bool] | None = None
@@ -87,6 +93,30 @@ def _check_stop(req: GenerationRequest, rec: RunRecord) -> None:
     if req.should_stop is not None and req.should_stop():
         rec.interrupted = True
         raise GenerationInterrupted("Generation was interrupted.")
+
+
+def answer_chunks(prompt_lengths: list[int], max_new: int, budget: int) -> list[list[int]]:
+    """Consecutive rows per generate call: a batch costs rows x (its longest prompt + max_new) tokens of KV cache,
+    at most ``budget``; a row over the budget alone goes alone."""
+    chunks: list[list[int]] = []
+    longest = 0
+    for i, length in enumerate(prompt_lengths):
+        if chunks and (len(chunks[-1]) + 1) * (max(longest, length) + max_new) <= budget:
+            chunks[-1].append(i)
+            longest = max(longest, length)
+        else:
+            chunks.append([i])
+            longest = length
+    return chunks
+
+
+def cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """A batch row's new tokens up to and with its first EOS (what one by one returns); the padding after goes."""
+    for k, token in enumerate(ids):
+        if token in eos:
+            return ids[:k + 1]
+    return ids
+
 
 class _StopFlag:
     """A stopping criterion that polls the caller's interrupt flag once per generated token."""
@@ -267,12 +297,13 @@ class QwenVLModel:
                     "tokens": p.tokens // self.family.merge_size ** 2, "preset": p.budget.label,
                     "detail_score": p.budget.detail_score, "cache": p.tier,
                 })
-            one_each = req.batch_mode == BATCH_MODES[1] and len(prepared) > 1
-            groups = [[p] for p in prepared] if one_each else [prepared]
+            if req.batch_mode == BATCH_MODES[1] and len(prepared) > 1:
+                answers = self._generate_each(req, prepared, mon)
+            else:
+                _check_stop(req, rec)  # before the prefill
+                answers = [self._generate(req, prepared, mon, part=(0, 1))]
             texts, thoughts, token_ids = [], [], []
-            for n, group in enumerate(groups):
-                _check_stop(req, rec)  # before each prefill
-                raw, ids = self._generate(req, group, mon, part=(n, len(groups)))
+            for raw, ids in answers:
                 token_ids.append(ids)
                 answer, thinking = split_thinking(raw)
                 texts.append(answer)
@@ -317,11 +348,16 @@ class QwenVLModel:
 
     def _generate(self, req: GenerationRequest, group: list[PreparedImage], mon: RunMonitor,
                   part: tuple[int, int]) -> tuple[str, list[int]]:
+        with mon.stage("prompt"):
+            inputs = self.build_inputs(req.prompt, req.system_prompt, group)
+        return self._generate_built(req, inputs, group, mon, part)
+
+    def _generate_built(self, req: GenerationRequest, inputs: dict[str, torch.Tensor], group: list[PreparedImage],
+                        mon: RunMonitor, part: tuple[int, int]) -> tuple[str, list[int]]:
+        """One answer from one prompt (already tokenised), with all of ``group``'s images in it."""
         from transformers import StoppingCriteriaList
 
         rec = mon.record
-        with mon.stage("prompt"):
-            inputs = self.build_inputs(req.prompt, req.system_prompt, group)
         prompt_len = int(inputs["input_ids"].shape[1])
         rec.prompt_tokens += prompt_len
         if int(req.max_new_tokens) <= 0:
@@ -367,6 +403,145 @@ class QwenVLModel:
         if req.on_text is not None:
             req.on_text(raw)
         return raw, new_ids.tolist()
+
+    # -- one answer per image, batched ---------------------------------------------------------
+    # Sampling: each generate call seeds torch with ``req.seed``, so the same request (same images, same order,
+    # same answer_batch_tokens) gives the same texts run to run. One by one, every image is sampled from a fresh
+    # seed and its answer does not depend on the other images; in a batch the rows draw from one random stream,
+    # so a row's sampled answer depends on its batchmates and differs from the one-by-one answer. Greedy answers
+    # match one by one token for token in fp32 on the CPU, left-padded rows included (tests/test_batched_answers.py);
+    # in bf16 on a GPU the batched kernels may round differently, and a long greedy answer can then drift.
+    # A repetition_penalty also sees a row's left padding (the pad token, <|endoftext|> in Qwen), which one by one
+    # does not have: with a penalty, padded rows are slightly less likely to end on <|endoftext|>.
+    def _generate_each(self, req: GenerationRequest, prepared: list[PreparedImage],
+                       mon: RunMonitor) -> list[tuple[str, list[int]]]:
+        """One answer per image: the prompts built together, then generated in batches within the token budget."""
+        with mon.stage("prompt"):
+            rows = [self.build_inputs(req.prompt, req.system_prompt, [p]) for p in prepared]
+        n = len(rows)
+        if self.tokenizer.pad_token_id is None:  # no pad token to pad with: one by one, as before batching
+            chunks = [[i] for i in range(n)]
+        else:
+            lengths = [int(r["input_ids"].shape[1]) for r in rows]
+            chunks = answer_chunks(lengths, max(int(req.max_new_tokens), 0), int(req.answer_batch_tokens))
+        answers: list[tuple[str, list[int]]] = []
+        for chunk in chunks:
+            _check_stop(req, mon.record)  # before each prefill
+            if len(chunk) == 1:
+                i = chunk[0]
+                answers.append(self._generate_built(req, rows[i], [prepared[i]], mon, part=(i, n)))
+                continue
+            try:
+                answers.extend(self._generate_rows(req, [rows[i] for i in chunk], [prepared[i] for i in chunk],
+                                                   mon, first_row=chunk[0], total_rows=n))
+            except torch.OutOfMemoryError:
+                # The batch did not fit where one answer at a time may: answer these rows as before batching
+                # (their progress restarts from the chunk's first row).
+                release_memory()
+                log.warning("[QwenVL-Fast] out of memory answering %d images together; answering them one by "
+                            "one (a smaller answer_batch_tokens avoids this retry)", len(chunk))
+                for i in chunk:
+                    _check_stop(req, mon.record)
+                    answers.append(self._generate_built(req, rows[i], [prepared[i]], mon, part=(i, n)))
+        return answers
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+    def _pad_rows(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The rows' prompts as one left-padded batch: each row's last prompt token sits in the last column."""
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            batch = tok.pad([{"input_ids": r["input_ids"][0].tolist(),
+                              "attention_mask": r["attention_mask"][0].tolist()} for r in rows],
+                            padding="longest", return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        width = int(batch["input_ids"].shape[1])
+        inputs = {"input_ids": batch["input_ids"].long(), "attention_mask": batch["attention_mask"].long()}
+        if "mm_token_type_ids" in rows[0]:  # padding is text (0)
+            inputs["mm_token_type_ids"] = torch.stack([
+                torch.nn.functional.pad(r["mm_token_type_ids"][0], (width - r["mm_token_type_ids"].shape[1], 0))
+                for r in rows])
+        if "image_grid_thw" in rows[0]:  # in the order the images' tokens appear in the flattened batch
+            inputs["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in rows])
+        return inputs
+
+    def _generate_rows(self, req: GenerationRequest, rows: list[dict[str, torch.Tensor]],
+                       group: list[PreparedImage], mon: RunMonitor, first_row: int,
+                       total_rows: int) -> list[tuple[str, list[int]]]:
+        """One answer per row in ONE generate call: left padding, each row stops on its own EOS."""
+        from transformers import StoppingCriteriaList
+
+        rec = mon.record
+        lengths = [int(r["input_ids"].shape[1]) for r in rows]
+        if int(req.max_new_tokens) <= 0:
+            rec.prompt_tokens += sum(lengths)
+            return [("", []) for _ in rows]
+        max_new = self._fit_context(max(lengths), int(req.max_new_tokens))
+        inputs = self._pad_rows(rows)
+        width = int(inputs["input_ids"].shape[1])
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        gen_kwargs = self._sampling_kwargs(req, max_new)
+        stop = _StopFlag(req.should_stop)
+        eos = self._eos_ids()
+        count = len(rows)
+        # Progress counts each answer as max_new_tokens steps: a row counts its tokens, a finished row counts in
+        # full, so the bar moves per row, never back, and reaches the total of all answers.
+        unit = max(int(req.max_new_tokens), 1)
+        base, total = first_row * unit, total_rows * unit
+        streamed: list[list[int]] = [[] for _ in rows]
+        finished = [False] * count
+        steps = [0]
+
+        def on_token(value: torch.Tensor) -> None:
+            steps[0] += 1
+            for r, token in enumerate(value.reshape(-1).tolist()):  # a host tensor: no device sync
+                if not finished[r]:
+                    streamed[r].append(int(token))
+                    finished[r] = int(token) in eos
+            if req.on_progress is not None:
+                req.on_progress(base + sum(unit if finished[r] else min(len(streamed[r]), unit)
+                                           for r in range(count)), total)
+            # Partial text: the batch's answers so far, joined like GenerationResult.text (one view of all rows;
+            # rows that finished keep their whole answer in it).
+            if req.on_text is not None and steps[0] % STREAM_EVERY_TOKENS == 0:
+                req.on_text("\n\n".join(self.prompts.decode_partial(ids) for ids in streamed))
+
+        timer = TokenTimer(on_token=on_token)  # it sees one token per row per step; rows are counted here
+        restore = self._pass_embeddings([g.embedding for g in group], gen_kwargs)
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **inputs, **gen_kwargs, stopping_criteria=StoppingCriteriaList([stop]), streamer=timer,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+        finally:
+            timer.end()
+            if restore is not None:
+                restore()
+        rec.prompt_tokens += sum(lengths)  # real prompt tokens: padding is not counted
+        mon.add("prefill", timer.prefill_s)
+        for _ in range(count - 1):
+            # RunMonitor.finish counts one first token per prefill; this prefill gave one to each row
+            mon.add("prefill", 0.0)
+        mon.add("decode", timer.decode_s)
+        ids_per_row = [cut_at_eos(row, eos) for row in output[:, width:].tolist()]
+        rec.new_tokens += sum(len(ids) for ids in ids_per_row)  # real tokens: the padding after an EOS is not
+        if stop.stopped:
+            rec.interrupted = True
+            raise GenerationInterrupted("Generation was interrupted.")
+        if req.on_progress is not None:
+            req.on_progress(base + count * unit, total)
+        raws = [self.prompts.decode_answer(torch.tensor(ids, dtype=torch.long)) for ids in ids_per_row]
+        if req.on_text is not None:
+            req.on_text("\n\n".join(raws))
+        return list(zip(raws, ids_per_row))
 
     def _pass_embeddings(self, embeddings: list[ImageEmbedding],
                          gen_kwargs: dict[str, Any]) -> Callable[[], None] | None:
