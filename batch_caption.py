@@ -20,7 +20,7 @@ from .errors import QwenVLError
 log = logging.getLogger("QwenVL-Fast")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-CHUNK = 4  # images encoded together; one answer each
+CHUNK = 4  # images encoded together; one answer each (a server gets twice its requests in flight per chunk)
 
 
 @dataclass
@@ -106,11 +106,12 @@ def caption_folder(
         else:
             todo.append(f)
     done = len(results)
+    chunk_size = 2 * max(1, options.server_max_in_flight) if options.backend == "server" else CHUNK
     try:
-        for start in range(0, len(todo), CHUNK):
+        for start in range(0, len(todo), chunk_size):
             if request.should_stop is not None and request.should_stop():
                 raise ql.GenerationInterrupted("Captioning was interrupted.")
-            chunk = todo[start:start + CHUNK]
+            chunk = todo[start:start + chunk_size]
             images, ok_files = [], []
             for f in chunk:
                 try:

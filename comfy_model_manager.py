@@ -257,7 +257,7 @@ def _before_load(options: ql.LoadOptions) -> None:
     """Make room on ComfyUI's device for the model about to load, once and only as much as needed."""
     _prune_retired()
     mm = _STATE.mm
-    if mm is None:
+    if mm is None or options.backend != "local":
         return
     device = mm.get_torch_device()
     if _device_type(device) == "cpu" or (options.device != "auto" and _device_type(options.device) == "cpu"):
@@ -276,8 +276,8 @@ def _on_load(engine: ql.QwenVLModel) -> None:
     """Register the freshly loaded model, with its true size, so ComfyUI can account for and unload it."""
     _prune_retired()
     mm = _STATE.mm
-    if mm is None or _STATE.patcher_cls is None:
-        return
+    if mm is None or _STATE.patcher_cls is None or getattr(engine, "is_remote", False):
+        return  # a served model holds no memory here
     offload = torch.device("cpu")
     patcher = _STATE.patcher_cls(engine, engine.device, offload, engine.param_bytes())
     _STATE.active = patcher

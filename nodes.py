@@ -17,13 +17,15 @@ from . import quality_presets as qp
 from . import qwenvl_loader as ql
 from .batch_caption import caption_folder
 from .embedding_cache import CACHE_DIR_ENV
+from .server_backend import BACKENDS, DEFAULT_MAX_IN_FLIGHT, UPLOAD_FORMATS
 
 log = logging.getLogger("QwenVL-Fast")
 
 CATEGORY = "Qwen-VL Fast"
 MODEL_TYPE = "QWENVL_MODEL"
 DEFAULT_COMPILE = "off"  # the benchmark decides; see README "Performance"
-LOADER_INPUTS = ("model", "quantization", "attention_mode", "dtype", "device", "compile_vision")
+LOADER_INPUTS = ("model", "quantization", "attention_mode", "dtype", "device", "compile_vision", "backend",
+                 "server_url", "server_model", "server_max_in_flight", "server_upload_format")
 
 comfy_glue.connect()
 
@@ -103,6 +105,23 @@ def _loader_inputs() -> dict[str, tuple]:
     }
 
 
+def _server_inputs() -> dict[str, tuple]:
+    return {
+        "backend": (BACKENDS, {"default": "local", **_tip(
+            "local: this machine runs the model. server: an OpenAI-compatible server (vLLM, SGLang, llama.cpp, "
+            "Ollama, LM Studio) answers; presets still shrink the images before upload. API key: the "
+            "QWENVL_FAST_API_KEY environment variable, never a widget.")}),
+        "server_url": ("STRING", {"default": "http://127.0.0.1:8000/v1", **_tip(
+            "The server's OpenAI-compatible base URL (backend 'server').")}),
+        "server_model": ("STRING", {"default": "", **_tip(
+            "The served model's name; empty: the server's only model.")}),
+        "server_max_in_flight": ("INT", {"default": DEFAULT_MAX_IN_FLIGHT, "min": 1, "max": 256, **_tip(
+            "Requests kept in flight for batches and folders, so the server can batch them.")}),
+        "server_upload_format": (UPLOAD_FORMATS, {"default": "png", **_tip(
+            "png: lossless; jpeg: smaller uploads for photos.")}),
+    }
+
+
 def _loader_extras() -> dict[str, tuple]:
     return {
         "dtype": (ql.DTYPE_CHOICES, {"default": "auto", **_tip("auto: bf16 on GPUs that support it, fp16 on older "
@@ -145,6 +164,7 @@ class QwenVLFastRun(_AnswerNode):
             "optional": {
                 "image": ("IMAGE", {**_tip("One image, or a batch: several images in one prompt.")}),
                 **_loader_extras(),
+                **_server_inputs(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -180,6 +200,7 @@ class QwenVLFastLoadModel:
                 "keep_model_loaded": ("BOOLEAN", {"default": True, **_tip(
                     "Keep the model in memory after each Generate; off releases it after every run.")}),
             },
+            "optional": _server_inputs(),
         }
 
     def load(self, keep_model_loaded: bool, **inputs: Any) -> tuple[QwenVLHandle]:

@@ -47,6 +47,7 @@ class RunRecord:
     decode_tokens_per_s: float | None = None
     interrupted: bool = False
     cache_stats: dict[str, Any] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=dict)  # the server backend's client-side figures
     tips: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

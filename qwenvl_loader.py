@@ -64,6 +64,7 @@ from .runtime_choice import (
     resolve_device,
     resolve_dtype,
 )
+from .server_backend import BACKENDS, DEFAULT_MAX_IN_FLIGHT, ServerModel
 from .weights_identity import folder_identity, synthetic_identity
 
 log = logging.getLogger("QwenVL-Fast")
@@ -78,9 +79,21 @@ class LoadOptions:
     device: str = "auto"
     compile_vision: str = "off"
     allow_absolute_path: bool = True
+    # backend "server": an OpenAI-compatible server answers instead (server_backend.py); model is then unused.
+    backend: str = "local"
+    server_url: str = ""
+    server_model: str = ""
+    server_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    server_upload_format: str = "png"
+    server_timeout_s: float = 300.0
+    server_retries: int = 3
 
 
-def load_model(options: LoadOptions) -> QwenVLModel:
+def load_model(options: LoadOptions) -> QwenVLModel | ServerModel:
+    if options.backend == "server":
+        return ServerModel(options)
+    if options.backend != "local":
+        raise QwenVLError(f"Unknown backend '{options.backend}': choose one of {', '.join(BACKENDS)}.")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = resolve_device(options.device)
@@ -231,10 +244,22 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
         rec.stages = {"load": load_s, **rec.stages}
         rec.total_s += load_s
     TIPS.observe(rec, request.enable_image_cache)
+    if isinstance(model, ServerModel):
+        rec.tips = model.tips(rec)
+    else:
+        rec.tips = TIPS.tips(_local_tip_context(model, options, rec))
+    if request.monitor:
+        report(rec)
+    if not keep_model_loaded:
+        manager.release()
+    return result
+
+
+def _local_tip_context(model: QwenVLModel, options: LoadOptions, rec: Any) -> Any:
     gpu_total = None
     if model.device.type == "cuda":
         gpu_total = torch.cuda.get_device_properties(model.device).total_memory
-    ctx = TIPS.context(
+    return TIPS.context(
         rec,
         compile_requested=options.compile_vision == "on",
         compile_unavailable_reason=(model.compile_report.reason if model.compile_report is not None
@@ -243,17 +268,12 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
         model_bf16_bytes=unquantized_bf16_bytes(model) if options.quantization != "none" else None,
         expected_decode_tokens_per_s=expected_decode_tokens_per_s(model),
     )
-    rec.tips = TIPS.tips(ctx)
-    if request.monitor:
-        report(rec)
-    if not keep_model_loaded:
-        manager.release()
-    return result
 
 
 __all__ = [
-    "ATTENTION_CHOICES", "BATCH_MODES", "COMPILE_CHOICES", "DEVICE_CHOICES", "DTYPE_CHOICES", "INCOMPLETE_MARKER",
-    "MANAGER", "PREPROCESS_CHOICES", "QUANTIZATION_CHOICES", "GenerationInterrupted", "GenerationRequest",
+    "ATTENTION_CHOICES", "BACKENDS", "BATCH_MODES", "COMPILE_CHOICES", "DEVICE_CHOICES", "DTYPE_CHOICES",
+    "INCOMPLETE_MARKER", "MANAGER", "PREPROCESS_CHOICES", "QUANTIZATION_CHOICES", "GenerationInterrupted",
+    "GenerationRequest",
     "GenerationResult", "LoadOptions", "ModelManager", "ModelNotFoundError", "QwenVLError", "QwenVLModel",
     "RunMonitor", "add_model_dir", "canonical_digest", "canonicalize_image", "check_folder", "clear_memory_caches",
     "detect_family", "download_model", "get_cache", "load_model", "model_choices", "release_memory",
