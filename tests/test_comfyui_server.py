@@ -26,6 +26,7 @@ from comfy_server import (
     node_ui,
     was_interrupted,
 )
+from vllm_server import vllm_server  # noqa: F401  (session fixture: a real vLLM, or a skip)
 
 pytestmark = pytest.mark.comfyui
 
@@ -511,3 +512,33 @@ def test_cancel_during_caption_folder_ends_interrupted_without_half_written_capt
     for txt in written:
         assert txt.read_text(encoding="utf-8") == (again / txt.name).read_text(encoding="utf-8"), txt.name
     assert comfy_server.alive()
+
+
+# ------------------------------------------------------------------------------- the server backend
+def test_caption_folder_through_a_vllm_server(comfy_server, tiny_choice, vllm_server):
+    """Load Model (backend server) -> Caption Folder, queued over HTTP, answered by a real vLLM."""
+    import numpy as np
+    from PIL import Image
+
+    folder = comfy_server.work_dir / f"caption-server-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    rng = np.random.default_rng(31)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    load_info = comfy_server.object_info("QwenVLFast_LoadModel")
+    caption_info = comfy_server.object_info("QwenVLFast_CaptionFolder")
+    assert "backend" in load_info["input"].get("optional", {}), load_info["input"]
+    inputs = _widget_defaults(caption_info)
+    inputs.update(qwenvl_model=["3", 0], folder=str(folder), image_quality="fast", max_new_tokens=6,
+                  write_txt=True, overwrite=False)
+    graph = {
+        "3": {"class_type": "QwenVLFast_LoadModel",
+              "inputs": {**_widget_defaults(load_info), "model": tiny_choice, "backend": "server",
+                         "server_url": vllm_server.url, "server_max_in_flight": 4}},
+        "7": {"class_type": "QwenVLFast_CaptionFolder", "inputs": inputs},
+    }
+    entry = comfy_server.run(graph, timeout=300)
+    _assert_success(entry, comfy_server)
+    summary = node_ui(entry, "7")["text"]
+    assert sorted(summary) == [f"img{i}.png: written" for i in range(5)], summary
+    assert len(list(folder.glob("*.txt"))) == 5
