@@ -129,6 +129,18 @@ SYNTHETIC_PRESETS: dict[str, SyntheticPreset] = {
                                   "rope_theta": 10000000.0, "partial_rotary_factor": 1.0}},
         description="tiny Qwen3.5 (hybrid linear attention) for tests",
     ),
+    # For a real vLLM server (tests/vllm_server.py): vLLM's CPU attention refuses head size 16
+    # ("Unsupported CPU attention configuration: head_dim=16"); 64 works, in the text model and the tower.
+    "tiny-qwen2.5-vl-h64": SyntheticPreset(
+        family="qwen2_5_vl",
+        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                    fullatt_block_indexes=[1], in_channels=3),
+        text={**_TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+              "num_key_value_heads": 1,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}},
+        description="tiny Qwen2.5-VL with head size 64, for a vLLM server on CPU",
+    ),
     # Tiny vision tower, ~120 MB of text weights: big enough that one leaked copy shows in a process's memory.
     "small-qwen2.5-vl": SyntheticPreset(
         family="qwen2_5_vl",
