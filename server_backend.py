@@ -293,10 +293,11 @@ class ServerModel:
                     self._uploads[key] = url
                     while len(self._uploads) > UPLOAD_MEMO_ENTRIES:
                         self._uploads.popitem(last=False)
-            shown = size or size_in
+            # `native` leaves the size to the server's own limits: the count shown assumes none bind.
+            shown = size or qp.smart_resize(size_in[0], size_in[1], self.factor, self.factor ** 2, 1 << 40)
             out.append({"url": url, "record": {
                 "size_in": list(size_in), "size_resized": list(shown), "preset": budget.label,
-                "tokens": (shown[0] // self.factor) * (shown[1] // self.factor) if size else None,
+                "tokens": (shown[0] // self.factor) * (shown[1] // self.factor),
                 "detail_score": budget.detail_score, "cache": tier, "upload_bytes": len(url)}})
         return out
 
@@ -462,6 +463,7 @@ class ServerModel:
         rec.server = {"url": self.endpoint.url, "model": self.served_model, "requests": len(streams),
                       "in_flight": min(self.max_in_flight, len(streams)),
                       "upload_bytes": sum(u["record"]["upload_bytes"] for u in uploads),
+                      "prompt_tokens": [s.prompt_tokens for s in streams],
                       "time_to_first_token_s": [round(s.upload_s + s.first_token_s, 4) for s in streams]}
         mon.finish()
         if len(streams) > 1 and rec.total_s > 0:

@@ -134,11 +134,14 @@ def test_same_image_twice_reuses_the_upload_and_the_servers_cache(served, vllm_s
 
 
 def test_one_answer_per_image_in_input_order_with_several_in_flight(served):
-    images = _images(6, seed=3)
-    together = _run(served, images)
-    assert together.record.server["in_flight"] == 4 and len(together.texts) == 6
-    one_by_one = [_run(served, [img]).texts[0] for img in images]
-    assert together.texts == one_by_one, "answers came back out of order (greedy answers must match)"
+    # Growing images cost growing prompts: the server's own token counts tell which answer is which.
+    images = [_images(1, 100 + 60 * i, 150 + 90 * i, seed=3 + i)[0] for i in range(6)]
+    together = _run(served, images, image_quality="native").record
+    assert together.server["in_flight"] == 4 and together.server["requests"] == 6
+    counts = together.server["prompt_tokens"]
+    alone = [_run(served, [img], image_quality="native").record.prompt_tokens for img in images]
+    assert counts == alone, "answers came back out of input order"
+    assert counts == sorted(counts) and len(set(counts)) == 6, counts
 
 
 def test_cancel_aborts_the_servers_request(served, vllm_server):
@@ -148,12 +151,13 @@ def test_cancel_aborts_the_servers_request(served, vllm_server):
     def stop() -> bool:
         return len(steps) > 0 and steps[-1] >= 3
 
-    req = ql.GenerationRequest(prompt="Go on.", images=_images(1, seed=4), max_new_tokens=1500,
-                               min_new_tokens=1500, image_quality="fast", should_stop=stop,
+    # Long enough (the server's context is 4096) that a starved client thread still sees it running.
+    req = ql.GenerationRequest(prompt="Go on.", images=_images(1, seed=4), max_new_tokens=3800,
+                               min_new_tokens=3800, image_quality="fast", should_stop=stop,
                                on_progress=lambda done, total: steps.append(done))
     with pytest.raises(ql.GenerationInterrupted):
         ql.run_once(served, req)
-    assert steps and steps[-1] < 1500
+    assert steps and steps[-1] < 3800
     deadline = time.monotonic() + 20
     while running_requests(vllm_server) > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
