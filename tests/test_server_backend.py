@@ -206,3 +206,21 @@ def test_nodes_run_with_the_server_backend(vllm_server, monkeypatch):
     texts, _, timing = out["result"]
     assert len(texts) == 2 and json.loads(timing)["server"]["requests"] == 2
     ql.MANAGER.release()
+
+
+def test_prompt_too_long_says_what_to_do(served):
+    with pytest.raises(sb.ServerError) as err:
+        _run(served, _images(1, seed=8), max_new_tokens=8000, min_new_tokens=0)
+    message = str(err.value)
+    assert "too long" in message and "image_quality" in message, message
+
+
+def test_tips_for_a_slow_server_and_too_few_in_flight(vllm_server):
+    model, _ = ql.MANAGER.get(_options(vllm_server.url, server_max_in_flight=1))
+    result = _run(model.options, _images(3, seed=9))
+    tips = " ".join(result.record.tips)
+    assert "server_max_in_flight" in tips, result.record.tips
+    slow = ql.RunMonitor().record
+    slow.decode_tokens_per_s = 1.5
+    assert any("tokens/s" in t for t in model.tips(slow))
+    ql.MANAGER.release()
