@@ -8,6 +8,7 @@ them, ``tf_compat.py``) -> answers and a timing record (``perf_monitor.py``).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from .errors import GenerationInterrupted, QwenVLError
 from .images import ImageSpec, PreparedImage, canonicalize_image, pixel_values_for, prepare_images
 from .model_sources import FamilyInfo, ModelSource
 from .perf_monitor import RunMonitor, RunRecord, TokenTimer
+from .prefix_cache import PrefixCache, prefix_cache_bytes, prefix_length, snapshot
 from .prompting import PromptBuilder, split_thinking
 from .runtime_choice import release_memory
 
@@ -171,10 +173,14 @@ class QwenVLModel:
             native_limits=(int(lo), int(hi)) if lo and hi else None, device=device, pixel_dtype=self.visual_dtype,
             weights_identity=weights_identity, image_processor=ip,
         )
+        self.prefix_cache = PrefixCache(prefix_cache_bytes())
+        self.prefix_reuse_off_reason = self._prefix_reuse_off_reason()
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         self.usable = False
+        self.prefix_cache.clear()
         model = self.model
         self.model = None
         if model is not None:
@@ -209,6 +215,45 @@ class QwenVLModel:
         """Compiled and eager towers agree to ~1e-7, not bit for bit: their embeddings are kept apart."""
         report = self.compile_report
         return "|compiled" if report is not None and report.enabled else ""
+
+    # -- prefix-KV reuse (prefix_cache.py) -----------------------------------------------------
+    def _prefix_reuse_off_reason(self) -> str:
+        """Why this model never reuses a prompt prefix's KV; "" when it does."""
+        if self.family.model_type.startswith("qwen3_5"):
+            # Hybrid linear attention: its cache also holds recurrent and conv states taken after the LAST prompt
+            # token, which cannot be cut back to the prefix by a token count; a separate prefix-only prefill would
+            # chunk the recurrence differently, so the answers would not be exactly those without reuse.
+            return "Qwen3.5 (linear-attention states are not prefix-sliceable)"
+        if tf_compat.transformers_version() < (5, 18) or not self.use_mm_encoder_outputs:
+            # Before 5.18 the cached embeddings reach the model through install_feature_override and a placeholder
+            # pixel_values, and generate's continuation from a given cache (positions from the stored rope_deltas,
+            # multimodal inputs dropped) is a different code path; reuse is only verified from 5.18 on (tested 5.24).
+            return "transformers < 5.18"
+        if not hasattr(self.model.model, "rope_deltas"):
+            return "the model keeps no rope_deltas"
+        if getattr(self.config, "vision_end_token_id", None) is None:
+            return "no <|vision_end|> token id in the config"
+        return ""
+
+    @property
+    def prefix_identity(self) -> str:
+        """The loaded model in a prefix key (each model has its own prefix cache; this keeps a tower change apart)."""
+        return f"{self.weights_identity}{self.cache_key_extra}|{self.options.model}|{self.dtype}"
+
+    def _prefix_plan(self, req: GenerationRequest, inputs: dict[str, torch.Tensor],
+                     group: list[PreparedImage]) -> tuple[tuple, int] | None:
+        """(key, prefix tokens) when this answer may reuse or fill the prefix cache, else None."""
+        if (self.prefix_reuse_off_reason or not req.enable_image_cache or not group
+                or not self.prefix_cache.enabled or any(g.key is None for g in group)):
+            return None
+        ids = inputs["input_ids"]
+        if int(ids.shape[0]) != 1:
+            return None
+        tokens = prefix_length(ids, int(self.config.vision_end_token_id))
+        if tokens <= 0 or tokens >= int(ids.shape[1]):
+            return None
+        key = PrefixCache.key(self.prefix_identity, [g.key for g in group], ids[0, :tokens])
+        return key, tokens
 
     # -- vision ----------------------------------------------------------------------------
     def encode(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> list[ImageEmbedding]:
@@ -309,6 +354,7 @@ class QwenVLModel:
                 texts.append(answer)
                 thoughts.append(thinking)
         except torch.OutOfMemoryError as exc:
+            self.prefix_cache.clear()  # memory pressure: the kept prefixes go first
             release_memory()
             raise QwenVLError(
                 "Out of memory. Use a cheaper image_quality ('balanced' or 'fast'), fewer images per prompt, "
@@ -350,11 +396,15 @@ class QwenVLModel:
                   part: tuple[int, int]) -> tuple[str, list[int]]:
         with mon.stage("prompt"):
             inputs = self.build_inputs(req.prompt, req.system_prompt, group)
-        return self._generate_built(req, inputs, group, mon, part)
+        return self._generate_built(req, inputs, group, mon, part, reuse_prefix=True)
 
     def _generate_built(self, req: GenerationRequest, inputs: dict[str, torch.Tensor], group: list[PreparedImage],
-                        mon: RunMonitor, part: tuple[int, int]) -> tuple[str, list[int]]:
-        """One answer from one prompt (already tokenised), with all of ``group``'s images in it."""
+                        mon: RunMonitor, part: tuple[int, int], reuse_prefix: bool = False) -> tuple[str, list[int]]:
+        """One answer from one prompt (already tokenised), with all of ``group``'s images in it.
+
+        ``reuse_prefix``: the prompt's prefix (system turn and image tokens) comes from the prefix cache when it
+        is there (only the question is prefilled), and is kept for the next question when it is not.
+        """
         from transformers import StoppingCriteriaList
 
         rec = mon.record
@@ -379,8 +429,21 @@ class QwenVLModel:
                 if done_tokens[0] % STREAM_EVERY_TOKENS == 0:
                     req.on_text(self.prompts.decode_partial(streamed))
 
+        plan = self._prefix_plan(req, inputs, group) if reuse_prefix else None
+        entry = self.prefix_cache.get(plan[0]) if plan is not None else None
         timer = TokenTimer(on_token=on_token)
-        restore = self._pass_embeddings([g.embedding for g in group], gen_kwargs)
+        restore = None
+        if entry is not None:
+            # The prefix's KV (images included) is in the cache: no image embeddings are passed, and generate
+            # continues from the cache, placing the question at index + the prefix's rope_deltas.
+            gen_kwargs[self._cache_kwarg] = entry.new_cache()
+            self.model.model.rope_deltas = entry.rope_deltas.to(self.device)
+            rec.prefix_tokens_reused += entry.tokens
+        else:
+            restore = self._pass_embeddings([g.embedding for g in group], gen_kwargs)
+            if plan is not None:
+                gen_kwargs["return_dict_in_generate"] = True  # for its cache, the prefix of which is kept
+                rec.prefix_tokens_prefilled += plan[1]
         pad_id = self.tokenizer.pad_token_id
         try:
             with torch.inference_mode():
@@ -392,6 +455,11 @@ class QwenVLModel:
             timer.end()
             if restore is not None:
                 restore()
+        if not isinstance(output, torch.Tensor):
+            sequences = output.sequences
+            if plan is not None and entry is None and not stop.stopped:
+                self._keep_prefix(plan, getattr(output, "cache", None) or getattr(output, "past_key_values", None))
+            output = sequences
         mon.add("prefill", timer.prefill_s)
         mon.add("decode", timer.decode_s)
         new_ids = output[0, prompt_len:]
@@ -403,6 +471,18 @@ class QwenVLModel:
         if req.on_text is not None:
             req.on_text(raw)
         return raw, new_ids.tolist()
+
+    def _keep_prefix(self, plan: tuple[tuple, int], cache: Any) -> None:
+        """Keep the first ``plan[1]`` positions of a finished generate call's cache for the next question."""
+        deltas = getattr(self.model.model, "rope_deltas", None)
+        if cache is None or deltas is None:  # without the prefix's rope_deltas the question's positions are unknown
+            return
+        with torch.inference_mode():
+            entry = snapshot(cache, plan[1], deltas)
+        if entry is None:
+            log.debug("[QwenVL-Fast] this cache cannot be cut to its prefix; prefix reuse skipped")
+        elif not self.prefix_cache.put(plan[0], entry):
+            log.debug("[QwenVL-Fast] a prefix of %d bytes exceeds the prefix cache budget", entry.nbytes)
 
     # -- one answer per image, batched ---------------------------------------------------------
     # Sampling: each generate call seeds torch with ``req.seed``, so the same request (same images, same order,
@@ -437,6 +517,7 @@ class QwenVLModel:
             except torch.OutOfMemoryError:
                 # The batch did not fit where one answer at a time may: answer these rows as before batching
                 # (their progress restarts from the chunk's first row).
+                self.prefix_cache.clear()
                 release_memory()
                 log.warning("[QwenVL-Fast] out of memory answering %d images together; answering them one by "
                             "one (a smaller answer_batch_tokens avoids this retry)", len(chunk))

@@ -44,6 +44,10 @@ class RunRecord:
     images: list[dict[str, Any]] = field(default_factory=list)
     prompt_tokens: int = 0
     new_tokens: int = 0
+    # Prefix-KV reuse (prefix_cache.py): prompt tokens whose KV came from the prefix cache, and prefix tokens
+    # prefilled this run where reuse applied but missed (both 0 when reuse is off for the run).
+    prefix_tokens_reused: int = 0
+    prefix_tokens_prefilled: int = 0
     decode_tokens_per_s: float | None = None
     interrupted: bool = False
     cache_stats: dict[str, Any] = field(default_factory=dict)
