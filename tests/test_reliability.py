@@ -521,20 +521,22 @@ def test_interrupt_during_prefill_and_decode(model, ref, stop_at):
 
 
 def test_interrupt_between_answers_in_one_answer_per_image(model, ref, monkeypatch):
-    """The flag flips once the first answer is complete: the second answer's prefill never starts."""
+    """Answered one by one (answer_batch_tokens=0): the flag flips once the first answer is complete, and the
+    second answer's prefill never starts. (Batched answers stop within a step: test_batched_answers.py.)"""
     stop, answers = [False], []
-    original = model._generate
+    original = model._generate_built
 
     def generate_then_stop(*args, **kwargs):
         answers.append(original(*args, **kwargs))
         stop[0] = True
         return answers[-1]
 
-    monkeypatch.setattr(model, "_generate", generate_then_stop)
+    monkeypatch.setattr(model, "_generate_built", generate_then_stop)
     state, handle = lm_calls(model)
     try:
         with pytest.raises(ql.GenerationInterrupted):
-            model.run(request([IMG, IMG.flip(0)], batch_mode=ql.BATCH_MODES[1], should_stop=lambda: stop[0]))
+            model.run(request([IMG, IMG.flip(0)], batch_mode=ql.BATCH_MODES[1], should_stop=lambda: stop[0],
+                              answer_batch_tokens=0))
     finally:
         handle.remove()
     assert len(answers) == 1 and state["n"] == 6, "the second answer's prefill ran after the interrupt"
