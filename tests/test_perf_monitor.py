@@ -203,7 +203,7 @@ def test_monitor_stages_accumulate():
     for _ in range(2):
         with mon.stage("encode"):
             time.sleep(0.01)
-    assert 0.02 <= mon.record.stages["encode"] < 1.0
+    assert mon.record.stages["encode"] >= 0.02  # two 10 ms sleeps: a lower bound (no ceiling on a shared CPU)
     with pytest.raises(RuntimeError):
         with mon.stage("prefill"):
             raise RuntimeError("boom")

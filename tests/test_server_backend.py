@@ -145,7 +145,6 @@ def test_one_answer_per_image_in_input_order_with_several_in_flight(served):
 
 
 def test_cancel_aborts_the_servers_request(served, vllm_server):
-    started = time.monotonic()
     steps: list[int] = []
 
     def stop() -> bool:
@@ -162,7 +161,6 @@ def test_cancel_aborts_the_servers_request(served, vllm_server):
     while running_requests(vllm_server) > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert running_requests(vllm_server) == 0, vllm_server.log_tail()
-    assert time.monotonic() - started < 60
 
 
 def test_wrong_model_name_lists_the_served_ones(vllm_server):
