@@ -1,6 +1,5 @@
 """The example workflows (UI format) match the nodes' real inputs, so they load without red nodes."""
 
-import importlib.util
 import json
 import sys
 
@@ -15,12 +14,7 @@ WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 
 @pytest.fixture(scope="module")
 def mappings():
-    spec = importlib.util.spec_from_file_location("qwenvl_fast_wf", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["qwenvl_fast_wf"] = module
-    spec.loader.exec_module(module)
-    return module.NODE_CLASS_MAPPINGS
+    return sys.modules["qwenvl_fast"].NODE_CLASS_MAPPINGS  # the pack as conftest imported it (pack_path)
 
 
 def expected_widgets(cls):

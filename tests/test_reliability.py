@@ -6,7 +6,6 @@ RELIABILITY.md maps each case to its test (here and in the other test files).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -73,14 +72,8 @@ def lm_calls(model):
 
 def test_empty_batch_is_a_clear_error(model, ref):
     """torch.zeros(0,H,W,3) at the node: a clear error, before any model is loaded."""
-    name = "qwenvl_fast_pack"  # the same package name test_nodes uses: imported once
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    nodes = sys.modules[f"{name}.nodes"]
+    from qwenvl_fast import nodes  # the one import of the pack (conftest, pack_path)
+
     with pytest.raises(Exception, match="empty batch: connect at least one image"):
         nodes.QwenVLFastRun().run(
             model=FAMILY, quantization="none", attention_mode="auto", prompt="Describe.", system_prompt="",
