@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+
+from server_process import ServerLog, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "ComfyUI-QwenVL-Fast"
@@ -93,11 +94,6 @@ def comfyui_missing_reason(path: Path | None = None) -> str | None:
         return f"ComfyUI's dependencies are missing in this python ({exc}); run .ci/install_comfyui.sh"
     return None
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ComfyError(RuntimeError):
@@ -162,7 +158,7 @@ class WsListener:
         self._thread.join(timeout=5)
 
 
-class ComfyServer:
+class ComfyServer(ServerLog):
     """One ComfyUI process with this pack and tiny models; small HTTP client around it."""
 
     def __init__(
@@ -338,27 +334,6 @@ class ComfyServer:
             return "unknown"
         return (stats.get("system") or {}).get("comfyui_version") or "March 2024 (no version reported)"
 
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def log_since(self, offset: int) -> str:
-        """What the server logged after ``offset`` (a former ``log_size()``)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, chars: int = 6000) -> str:
-        try:
-            data = self.log_path.read_bytes()
-        except OSError:
-            return ""
-        return data[-chars:].decode("utf-8", "replace")
 
     # ----------------------------------------------------------------- HTTP
     def _request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout=30):

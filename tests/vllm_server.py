@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from server_process import ServerLog, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VLLM_VENV_ENV = "QWENVL_FAST_VLLM_VENV"
@@ -64,11 +65,6 @@ def vllm_missing_reason(venv: Path | None = None) -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class VllmHTTPError(RuntimeError):
     """The server answered with an error status."""
@@ -79,7 +75,7 @@ class VllmHTTPError(RuntimeError):
         super().__init__(f"HTTP {status} from {url}: {body[:2000]}")
 
 
-class VllmServer:
+class VllmServer(ServerLog):
     """One ``vllm.entrypoints.openai.api_server`` process; a small HTTP client around it."""
 
     def __init__(
@@ -222,27 +218,6 @@ class VllmServer:
         except (OSError, urllib.error.HTTPError):
             return False
 
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def log_since(self, offset: int) -> str:
-        """What the server logged after ``offset`` (a former ``log_size()``)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, chars: int = 6000) -> str:
-        try:
-            data = self.log_path.read_bytes()
-        except OSError:
-            return ""
-        return data[-chars:].decode("utf-8", "replace")
 
     # ----------------------------------------------------------------- HTTP
     def request(self, method: str, path: str, payload: Any = None, timeout: float = 60.0) -> Any:
