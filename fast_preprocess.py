@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as tvF
 
 log = logging.getLogger("QwenVL-Fast")
 
-__all__ = ["preprocess_images", "resize_uint8_fixed_point", "upload"]
+__all__ = ["preprocess_images", "preprocess_video", "resize_uint8_fixed_point", "upload"]
 
 ResizeMode = Literal["auto", "fixed_point", "torchvision"]
 
@@ -325,3 +325,57 @@ def preprocess_images(
     log.debug("[QwenVL-Fast] preprocessed %d image(s) on %s: %d resize group(s), %d size group(s), %d patches",
               n, device, len(resize_groups), len(norm_groups), pixel_values.shape[0])
     return pixel_values, grid_thw
+
+
+def preprocess_video(
+    frames: list[torch.Tensor],
+    size: tuple[int, int],
+    *,
+    patch_size: int,
+    merge_size: int,
+    temporal_patch_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    resize_mode: ResizeMode = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One clip of HWC uint8 RGB frames (all the same size) into ``(pixel_values_videos, video_grid_thw)``.
+
+    Same math as ``Qwen2VLVideoProcessor`` / ``Qwen3VLVideoProcessor`` (torchvision backend): every frame
+    resized to ``size`` like an image, rescaled and normalised, the last frame repeated up to a multiple of
+    ``temporal_patch_size``, and consecutive frames packed into one temporal patch (the tower's 3D conv
+    sees frames 2k and 2k+1 together), in the processor's patch order.
+    """
+    factor = patch_size * merge_size
+    if not frames:
+        raise ValueError("preprocess_video: a clip needs at least one frame")
+    _check_inputs(frames, [size] * len(frames), factor)
+    if len({tuple(f.shape) for f in frames}) != 1:
+        raise ValueError("preprocess_video: all frames of a clip must have the same size")
+    device = torch.device(device)
+    th, tw = int(size[0]), int(size[1])
+    mean = torch.tensor(list(image_mean), dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
+    std = torch.tensor(list(image_std), dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
+    if mean.numel() == 1:
+        mean = mean.expand(3).clone()
+    if std.numel() == 1:
+        std = std.expand(3).clone()
+    stacked = torch.stack(frames)  # one upload for the clip
+    clip, mean, std = upload([stacked, mean, std], device)
+    batch = clip.permute(0, 3, 1, 2).contiguous()  # [T, C, H, W]
+    if tuple(batch.shape[-2:]) != (th, tw):
+        batch = _resize(batch, (th, tw), resize_mode)
+    pixels = batch.to(torch.float32).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+    if dtype != torch.float32:
+        pixels = pixels.to(dtype)
+    if pad := -pixels.shape[0] % temporal_patch_size:
+        pixels = torch.cat((pixels, pixels[-1:].expand(pad, -1, -1, -1)))
+    t, c = pixels.shape[0], pixels.shape[1]
+    gt, gh, gw = t // temporal_patch_size, th // patch_size, tw // patch_size
+    patches = pixels.reshape(gt, temporal_patch_size, c, gh // merge_size, merge_size, patch_size,
+                             gw // merge_size, merge_size, patch_size)
+    # [gt, gh/m, gw/m, m, m, c, tps, p, p]: the processor's order
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixel_values = patches.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size)
+    return pixel_values, torch.tensor([[gt, gh, gw]], dtype=torch.long)

@@ -1,7 +1,7 @@
 """From the user's words to token ids, and from generated ids back to an answer.
 
-The chat template places one slot per image; each slot becomes as many image-pad tokens as the image
-costs, computed from its grid, so the processor never has to see the pixels (a cache hit needs none).
+The chat template places one slot per image and per video; each slot becomes as many pad tokens as the image
+or clip costs, computed from its grid, so the processor never has to see the pixels (a cache hit needs none).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .errors import QwenVLError
 
 if TYPE_CHECKING:
     from .images import PreparedImage
+    from .video import PreparedVideo
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -38,11 +39,21 @@ def split_thinking(raw: str) -> tuple[str, str]:
 class PromptBuilder:
     """The chat template, the image slots and the special tokens of one loaded model."""
 
-    def __init__(self, processor: Any, image_token_id: int, merge_size: int, with_mm_token_type_ids: bool) -> None:
+    def __init__(self, processor: Any, image_token_id: int, merge_size: int, with_mm_token_type_ids: bool,
+                 video_token_id: int | None = None, video_timestamps: bool = False,
+                 with_second_per_grid_ts: bool = False) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id = int(image_token_id)
+        self.video_token = getattr(processor, "video_token", "<|video_pad|>")
+        self.video_token_id = int(video_token_id) if video_token_id is not None else None
+        self.vision_start = getattr(processor, "vision_start_token", "<|vision_start|>")
+        self.vision_end = getattr(processor, "vision_end_token", "<|vision_end|>")
+        # Qwen3-VL and Qwen3.5 write each temporal patch as "<t seconds><|vision_start|>pads<|vision_end|>";
+        # Qwen2/2.5-VL one run of pads, with the time in second_per_grid_ts (rotary positions).
+        self.video_timestamps = video_timestamps
+        self.with_second_per_grid_ts = with_second_per_grid_ts
         self.merge_size = merge_size
         self.with_mm_token_type_ids = with_mm_token_type_ids
         self._reserved = [t for t in (*_CONTROL_TOKENS, self.image_token) if t]
@@ -58,8 +69,23 @@ class PromptBuilder:
             log.warning("[QwenVL-Fast] removed chat-template control tokens from the prompt text")
         return cleaned
 
-    def build_inputs(self, prompt: str, system_prompt: str, images: list[PreparedImage]) -> dict[str, torch.Tensor]:
+    def video_placeholder(self, video: PreparedVideo, whole_slot: bool = True) -> str:
+        """The text that stands for one clip (what the model's processor writes for it).
+
+        ``whole_slot``: it replaces the template's ``<|vision_start|><|video_pad|><|vision_end|>``, not only the pad.
+        """
+        per_patch = video.grid[1] * video.grid[2] // self.merge_size ** 2
+        if not self.video_timestamps:
+            pads = self.video_token * (per_patch * video.grid[0])
+            return self.vision_start + pads + self.vision_end if whole_slot else pads
+        return "".join(f"<{t:.1f} seconds>" + self.vision_start + self.video_token * per_patch + self.vision_end
+                       for t in video.times[:video.grid[0]])
+
+    def build_inputs(self, prompt: str, system_prompt: str, images: list[PreparedImage],
+                     videos: list[PreparedVideo] | None = None) -> dict[str, torch.Tensor]:
+        videos = videos or []
         content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+        content += [{"type": "video"} for _ in videos]
         content.append({"type": "text", "text": self.clean_user_text(prompt)})
         messages: list[dict[str, Any]] = []
         if system_prompt.strip():
@@ -74,14 +100,39 @@ class PromptBuilder:
         out = pieces[0]
         for img, piece in zip(images, pieces[1:]):
             out += self.image_token * (img.tokens // merge2) + piece
+        if videos:
+            out = self._place_videos(out, videos)
         enc = self.tokenizer(out, return_tensors="pt", add_special_tokens=False)
         ids = enc["input_ids"]
         inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"]}
         if self.with_mm_token_type_ids:
-            inputs["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
+            types = (ids == self.image_token_id).to(torch.int32)
+            if videos and self.video_token_id is not None:
+                types[ids == self.video_token_id] = 2  # text 0, image 1, video 2
+            inputs["mm_token_type_ids"] = types
         if images:
             inputs["image_grid_thw"] = torch.tensor([img.grid for img in images], dtype=torch.long)
+        if videos:
+            inputs["video_grid_thw"] = torch.tensor([v.grid for v in videos], dtype=torch.long)
+            if self.with_second_per_grid_ts:
+                inputs["second_per_grid_ts"] = torch.tensor([v.second_per_grid for v in videos], dtype=torch.float32)
         return inputs
+
+    def _place_videos(self, text: str, videos: list[PreparedVideo]) -> str:
+        """Each video slot of the templated text replaced by its clip's placeholder.
+
+        The templates write a video slot as ``<|vision_start|><|video_pad|><|vision_end|>``; the slot as a whole
+        is replaced (Qwen's own processors do this; a per-patch span inside it would nest vision markers).
+        """
+        wrapped = self.vision_start + self.video_token + self.vision_end
+        slot = wrapped if text.count(wrapped) == len(videos) else self.video_token
+        pieces = text.split(slot)
+        if len(pieces) - 1 != len(videos):
+            raise QwenVLError(f"The chat template produced {len(pieces) - 1} video slots for {len(videos)} videos.")
+        out = pieces[0]
+        for video, piece in zip(videos, pieces[1:]):
+            out += self.video_placeholder(video, whole_slot=slot == wrapped) + piece
+        return out
 
     def decode_answer(self, new_ids: torch.Tensor) -> str:
         """Generated ids to text, special tokens removed except the thinking markers (split_thinking needs them)."""

@@ -1,0 +1,242 @@
+"""Video through the model's own video path: frames in, one clip's ``video_grid_thw`` embedding out.
+
+A clip is never fed as separate images (the model would then see unrelated pictures, not time): its frames
+are sampled evenly to at most ``max_frames``, resized to one size that the quality preset allows for the
+WHOLE clip, packed two by two into temporal patches, and encoded once; the prompt carries the family's own
+placeholders (one run of ``<|video_pad|>`` for Qwen2/2.5-VL, whose rotary positions advance with
+``second_per_grid_ts``; a timestamp and a ``<|vision_start|>...<|vision_end|>`` span per temporal patch for
+Qwen3-VL and Qwen3.5).
+
+Read in order: :func:`as_clip` (a node's input into a :class:`VideoClip`), :func:`sample_indices`,
+:func:`clip_budget`, :func:`prepare_videos` (sampling, digest, size, grid and cache lookup per clip),
+:func:`video_pixel_values`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import fast_preprocess
+from . import quality_presets as qp
+from .embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
+from .errors import QwenVLError
+from .images import ImageSpec, canonicalize_image
+from .perf_monitor import RunMonitor
+
+# Visual tokens (after the 2x2 merge) a whole clip may cost, per preset. One temporal patch (2 frames) of a
+# frame with h x w tokens costs h * w tokens, so "balanced" gives 8 temporal patches (16 frames) 256 tokens each,
+# the size of a "fast" image. "native" follows qwen-vl-utils, the models' reference pipeline: 24576 tokens per
+# clip and 128-768 per frame. "auto" measures detail per image; a clip uses "balanced".
+VIDEO_CLIP_TOKENS: dict[str, int] = {"fast": 1024, "balanced": 2048, "high": 4096, "ultra": 8192, "native": 24576}
+NATIVE_FRAME_TOKENS = (128, 768)
+# Below this a frame is a thumbnail of a few patches; more frames than the budget allows at this size cost more
+# than the budget (the run record says so), rather than frames too small to show anything.
+MIN_FRAME_TOKENS = 16
+DEFAULT_MAX_FRAMES = 16
+DEFAULT_VIDEO_FPS = 24.0
+# Temporal patches per vision-tower call: the tower attends within a frame only (its cu_seqlens split per
+# temporal patch), so a clip encoded in chunks equals the clip encoded at once; between chunks an interrupt is
+# honoured and progress reported.
+ENCODE_CHUNK_PATCHES = 4
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
+
+
+@dataclass
+class VideoClip:
+    """Frames ``[T, H, W, C]`` (a ComfyUI IMAGE batch) and the rate they were taken at."""
+
+    frames: torch.Tensor
+    fps: float = DEFAULT_VIDEO_FPS
+    # Indices of ``frames`` in the source video, when the caller already sampled (a decoder that kept only
+    # some frames); None means consecutive frames 0..T-1.
+    source_indices: list[int] | None = None
+    source_total: int | None = None
+
+
+def as_clip(video: Any, fps: float | None = None) -> VideoClip | None:
+    """A node's video input into a clip: an IMAGE batch ``[T,H,W,C]``, a ComfyUI VIDEO, or a clip."""
+    if video is None:
+        return None
+    if isinstance(video, VideoClip):
+        return video
+    if hasattr(video, "get_components"):  # ComfyUI's VIDEO (comfy_api VideoInput): frames + frame rate
+        components = video.get_components()
+        rate = getattr(components, "frame_rate", None)
+        frames = components.images
+        return VideoClip(frames, float(rate) if rate else float(fps or DEFAULT_VIDEO_FPS))
+    if not isinstance(video, torch.Tensor):
+        raise QwenVLError(f"video must be an IMAGE batch of frames or a VIDEO, got {type(video).__name__}.")
+    if video.dim() == 3:
+        video = video.unsqueeze(0)
+    if video.dim() != 4:
+        raise QwenVLError(f"video has shape {tuple(video.shape)}; expected frames as an IMAGE batch [T,H,W,C].")
+    return VideoClip(video, float(fps or DEFAULT_VIDEO_FPS))
+
+
+def sample_indices(total: int, max_frames: int, temporal_patch_size: int) -> list[int]:
+    """Evenly spaced frame indices, as many as allowed and a multiple of the temporal patch.
+
+    The spacing is the Qwen video processors' own (``arange(0, total, total / n)``). A clip shorter than one
+    temporal patch keeps all its frames (the last is repeated when patched, as the processor does).
+    """
+    if total <= 0:
+        raise QwenVLError("The video has no frames; check the loader upstream.")
+    if max_frames <= 0:
+        raise QwenVLError(f"max_frames is {max_frames}; it must be at least 1.")
+    n = min(total, max_frames)
+    if n >= temporal_patch_size:
+        n -= n % temporal_patch_size
+    else:
+        n = min(total, temporal_patch_size)
+    return torch.arange(0, total, total / n).int()[:n].tolist()
+
+
+def clip_budget(quality: str, factor: int, temporal_patches: int) -> tuple[qp.Budget, int]:
+    """Per-frame pixel limits for a clip of this many temporal patches, and the clip's token budget."""
+    preset = qp.validate_quality(quality)
+    if preset == qp.AUTO:
+        preset = qp.DEFAULT_QUALITY
+    clip_tokens = VIDEO_CLIP_TOKENS[preset]
+    frame_lo, frame_hi = NATIVE_FRAME_TOKENS if preset == qp.NATIVE else qp.PRESET_TOKEN_BUDGETS[preset]
+    hi = max(MIN_FRAME_TOKENS, min(frame_hi, clip_tokens // max(temporal_patches, 1)))
+    lo = max(1, min(frame_lo, hi // 2))  # hi >= 2 * lo keeps smart_resize inside [lo, hi] (quality_presets.py)
+    budget = qp.Budget(preset, lo * factor * factor - qp.PIXEL_SLACK, hi * factor * factor + qp.PIXEL_SLACK)
+    return budget, clip_tokens
+
+
+def timestamps(indices: list[int], fps: float, temporal_patch_size: int) -> list[float]:
+    """Seconds of each temporal patch: the mean of its first and last frame's time (Qwen3-VL's rule)."""
+    padded = list(indices)
+    while len(padded) % temporal_patch_size:
+        padded.append(padded[-1])
+    times = [i / fps for i in padded]
+    return [(times[k] + times[k + temporal_patch_size - 1]) / 2 for k in range(0, len(times), temporal_patch_size)]
+
+
+@dataclass
+class PreparedVideo:
+    index: int
+    indices: list[int]
+    total_frames: int
+    fps: float
+    digest: str
+    size_in: tuple[int, int]
+    budget: qp.Budget
+    clip_tokens: int
+    size: tuple[int, int]
+    grid: tuple[int, int, int]
+    key: str
+    frames: list[torch.Tensor | None] | None = None  # canonical sampled frames (None: not made yet), until encoded
+    embedding: ImageEmbedding | None = None
+    tier: str = "off"
+    temporal_patch_size: int = 2
+    times: list[float] = field(default_factory=list)
+    picked: list[int] = field(default_factory=list)  # the sampled frames' indices in the clip's tensor
+
+    @property
+    def tokens(self) -> int:
+        """Patches before the merge (like PreparedImage.tokens)."""
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def second_per_grid(self) -> float:
+        """Seconds one temporal patch spans in the source (Qwen2.5-VL's ``second_per_grid_ts``)."""
+        sampled_fps = len(self.indices) / self.total_frames * self.fps
+        return self.temporal_patch_size / sampled_fps
+
+
+def _clip_digest(frame_digests: list[str], indices: list[int], total: int, fps: float) -> str:
+    text = f"video|{total}|{fps!r}|{indices}|{'|'.join(frame_digests)}"
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def prepare_videos(clips: list[VideoClip], quality: str, max_frames: int, spec: ImageSpec,
+                   cache: EmbeddingCache | None, mon: RunMonitor, key_extra: str = "") -> list[PreparedVideo]:
+    """Sampling, digest, per-frame size, grid and cache key of each clip; the cached embedding where there is one.
+
+    The key covers the sampled frames' content (each frame's digest, in order), the sampling (indices, source
+    frame count and rate) and the size, on top of what keys an image (tower weights, dtype, normalisation).
+    """
+    prepared: list[PreparedVideo] = []
+    tps = spec.temporal_patch_size
+    for v, clip in enumerate(clips):
+        frames = clip.frames
+        if not isinstance(frames, torch.Tensor) or frames.dim() != 4:
+            raise QwenVLError("Each video must be frames [T,H,W,C].")
+        fps = float(clip.fps)
+        if not math.isfinite(fps) or fps <= 0:
+            raise QwenVLError(f"video_fps is {clip.fps}; give the source frame rate (e.g. 24 or 30).")
+        with mon.stage("hash"):
+            picked = sample_indices(int(frames.shape[0]), int(max_frames), tps)
+            total = clip.source_total or int(frames.shape[0])
+            source = [clip.source_indices[i] for i in picked] if clip.source_indices is not None else picked
+            # The digest memo (keyed by each frame tensor's bytes) spares a repeated clip the canonicalisation and
+            # MD5 of every frame; a clip the cache will encode gets its canonical frames in `video_pixel_values`.
+            canonical: list[torch.Tensor | None] = []
+            digests: list[str] = []
+            sizes: set[tuple[int, int]] = set()
+            for i in picked:
+                memo = cache.digests.get(frames[i]) if cache is not None else None
+                frame = None
+                if memo is None:
+                    frame = canonicalize_image(frames[i])
+                    memo = (canonical_digest(frame) if cache is not None else "",
+                            (int(frame.shape[0]), int(frame.shape[1])), None)
+                    if cache is not None:
+                        cache.digests.put(frames[i], memo)
+                canonical.append(frame)
+                digests.append(memo[0])
+                sizes.add(tuple(memo[1]))
+            if len(sizes) != 1:
+                raise QwenVLError("The video's frames differ in size; resize them to one size first.")
+            digest = _clip_digest(digests, source, total, fps) if cache is not None else ""
+            size_in = sizes.pop()
+            patches_t = -(-len(picked) // tps)
+            budget, clip_tokens = clip_budget(quality, spec.factor, patches_t)
+            size = qp.target_size(size_in[0], size_in[1], spec.factor, budget)
+            grid = (patches_t, size[0] // spec.patch_size, size[1] // spec.patch_size)
+            key = entry_key(digest, spec.weights_identity + key_extra, spec.pixel_dtype, size,
+                            (spec.image_mean, spec.image_std, "video", tps))
+            item = PreparedVideo(v, source, total, fps, digest, size_in, budget, clip_tokens, size, grid, key,
+                                 canonical, temporal_patch_size=tps, times=timestamps(source, fps, tps),
+                                 picked=picked)
+            if cache is not None:
+                item.embedding, item.tier = cache.get(key, spec.device)
+                if item.embedding is not None:
+                    item.frames = None
+        prepared.append(item)
+    return prepared
+
+
+def video_pixel_values(video: PreparedVideo, clip: VideoClip, spec: ImageSpec,
+                       mon: RunMonitor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clip's ``pixel_values_videos`` on the model's device, and its grid."""
+    frames = video.frames or [None] * len(video.picked)
+    canonical = [f if f is not None else canonicalize_image(clip.frames[i]) for f, i in zip(frames, video.picked)]
+    video.frames = None
+    with mon.stage("preprocess"):
+        return fast_preprocess.preprocess_video(
+            canonical, video.size, patch_size=spec.patch_size, merge_size=spec.merge_size,
+            temporal_patch_size=spec.temporal_patch_size, image_mean=spec.image_mean, image_std=spec.image_std,
+            device=spec.device, dtype=spec.pixel_dtype,
+        )
+
+
+def chunk_bounds(temporal_patches: int, chunk: int = ENCODE_CHUNK_PATCHES) -> list[tuple[int, int]]:
+    """[start, end) temporal patches of each vision-tower call."""
+    chunk = max(int(chunk), 1)
+    return [(s, min(s + chunk, temporal_patches)) for s in range(0, temporal_patches, chunk)]
+
+
+def join_chunks(parts: list[ImageEmbedding], grid: tuple[int, int, int]) -> ImageEmbedding:
+    """One clip's embedding from its chunks' (in temporal order)."""
+    embeds = torch.cat([p.embeds for p in parts]) if len(parts) > 1 else parts[0].embeds
+    levels = len(parts[0].deepstack)
+    deep = [torch.cat([p.deepstack[i] for p in parts]) if len(parts) > 1 else parts[0].deepstack[i]
+            for i in range(levels)]
+    return ImageEmbedding(embeds, deep, grid)
