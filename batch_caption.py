@@ -1,4 +1,11 @@
-"""Caption every image file of one folder (the existing packs' most requested feature)."""
+"""Caption every image file (and, if asked, every video file) of one folder (the existing packs' most requested
+feature).
+
+Video files are decoded with PyAV: it binds FFmpeg itself (every container and codec FFmpeg reads), ships wheels
+with FFmpeg inside for every platform, is maintained, and is what current ComfyUI decodes video with, so a
+ComfyUI install already has it. torchvision's video reader was deprecated in favour of TorchCodec, which needs a
+system FFmpeg.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import torch
 from . import qwenvl_loader as ql
 from .engine import BATCH_MODES, GenerationRequest
 from .errors import QwenVLError
+from .video import VIDEO_EXTENSIONS, VideoClip, sample_indices
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -30,15 +38,16 @@ class CaptionResult:
     status: str  # written / captioned / skipped / error: ...
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``; links that lead outside it are ignored."""
+def list_images(folder: Path, include_videos: bool = False) -> list[Path]:
+    """Image (and video) files directly inside ``folder``; links that lead outside it are ignored."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise QwenVLError(f"'{folder}' is not a folder: give the full path of the folder to caption.")
     root = folder.resolve()
     files = []
+    extensions = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if include_videos else ())
     for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and p.resolve().parent == root:
+        if p.suffix.lower() in extensions and p.is_file() and p.resolve().parent == root:
             files.append(p)
     return files
 
@@ -52,6 +61,52 @@ def load_image_file(path: Path) -> torch.Tensor:
         im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
         arr = np.asarray(im, dtype=np.uint8).copy()
     return torch.from_numpy(arr).float() / 255.0
+
+
+def is_video_file(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def load_video_file(path: Path, max_frames: int, temporal_patch_size: int = 2) -> VideoClip:
+    """The evenly sampled frames of a video file (uint8 ``[T,H,W,3]``), with their positions and the frame rate.
+
+    Only the sampled frames are converted to pixels; decoding stops after the last one.
+    """
+    try:
+        import av
+    except ImportError as exc:
+        raise QwenVLError("Reading video files needs PyAV: pip install av (ComfyUI itself ships it).") from exc
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise QwenVLError(f"'{path.name}' has no video stream.")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 24.0
+        total = int(stream.frames or 0)
+        if total <= 0:  # containers that do not record it: count the packets (no decoding)
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+            container.seek(0)
+        frames, kept = _decode_frames(container, stream, sample_indices(max(total, 1), max_frames,
+                                                                        temporal_patch_size))
+    if not frames:
+        raise QwenVLError(f"'{path.name}' has no decodable frames.")
+    if len(frames) < len(kept) or kept[-1] >= total:
+        total = max(total, kept[-1] + 1)
+    seen = kept[:len(frames)]
+    return VideoClip(torch.from_numpy(np.stack(frames)), fps, source_indices=seen, source_total=max(total, 1))
+
+
+def _decode_frames(container, stream, wanted: list[int]) -> tuple[list[np.ndarray], list[int]]:
+    targets = set(wanted)
+    last = max(wanted)
+    frames = []
+    for i, frame in enumerate(container.decode(stream)):
+        if i in targets:
+            frames.append(frame.to_ndarray(format="rgb24"))
+        if i >= last:
+            break
+    return frames, sorted(targets)
 
 
 def write_caption(txt: Path, text: str, *, overwrite: bool) -> None:
@@ -85,16 +140,19 @@ def write_caption(txt: Path, text: str, *, overwrite: bool) -> None:
 def caption_folder(
     options: ql.LoadOptions, folder: Path, request: GenerationRequest, *, write_txt: bool = True,
     overwrite: bool = False, keep_model_loaded: bool = True, on_file: Callable[[int, int], None] | None = None,
-    manager: ql.ModelManager | None = None,
+    manager: ql.ModelManager | None = None, include_videos: bool = False,
 ) -> list[CaptionResult]:
     """Caption every image of ``folder`` with ``request`` (its prompt, preset, sampling; one answer each).
+
+    ``include_videos``: video files too, each one clip through the model's video path (``request.max_frames``
+    frames, evenly sampled), one at a time after the images.
 
     Goes through ``run_once`` chunk by chunk, so every chunk is timed and gets tips like a node run. An
     interrupt (``request.should_stop``) ends the folder with ``GenerationInterrupted``; the captions
     already written stay, whole.
     """
     manager = manager or ql.MANAGER
-    files = list_images(folder)
+    files = list_images(folder, include_videos)
     results: list[CaptionResult] = []
     todo: list[Path] = []
     for f in files:
@@ -105,6 +163,8 @@ def caption_folder(
             results.append(CaptionResult(f, f.with_suffix(".txt").read_text(encoding="utf-8"), "skipped"))
         else:
             todo.append(f)
+    clips = [f for f in todo if is_video_file(f)]
+    todo = [f for f in todo if not is_video_file(f)]
     done = len(results)
     chunk_size = 2 * max(1, options.server_max_in_flight) if options.backend == "server" else CHUNK
     try:
@@ -124,15 +184,23 @@ def caption_folder(
                 chunk_request = dataclasses.replace(request, images=images, batch_mode=BATCH_MODES[1])
                 result = ql.run_once(options, chunk_request, keep_model_loaded=True, manager=manager)
                 for f, text in zip(ok_files, result.texts):
-                    status = "captioned"
-                    if write_txt:
-                        try:
-                            write_caption(f.with_suffix(".txt"), text, overwrite=overwrite)
-                            status = "written"
-                        except FileExistsError:
-                            status = "skipped: its .txt appeared while captioning (kept)"
-                    results.append(CaptionResult(f, text, status))
+                    results.append(_finish(f, text, write_txt, overwrite))
             done += len(chunk)
+            if on_file is not None:
+                on_file(done, len(files))
+        for f in clips:
+            if request.should_stop is not None and request.should_stop():
+                raise ql.GenerationInterrupted("Captioning was interrupted.")
+            try:
+                clip = load_video_file(f, request.max_frames)
+            except Exception as exc:  # a broken file must not stop the folder
+                log.warning("[QwenVL-Fast] cannot read %s: %s", f, exc)
+                results.append(CaptionResult(f, "", f"error: cannot read video ({exc})"))
+            else:
+                clip_request = dataclasses.replace(request, images=[], videos=[clip], batch_mode=BATCH_MODES[0])
+                result = ql.run_once(options, clip_request, keep_model_loaded=True, manager=manager)
+                results.append(_finish(f, result.text, write_txt, overwrite))
+            done += 1
             if on_file is not None:
                 on_file(done, len(files))
     finally:
@@ -141,3 +209,14 @@ def caption_folder(
     order = {p: i for i, p in enumerate(files)}
     results.sort(key=lambda r: order.get(r.path, 0))
     return results
+
+
+def _finish(path: Path, text: str, write_txt: bool, overwrite: bool) -> CaptionResult:
+    status = "captioned"
+    if write_txt:
+        try:
+            write_caption(path.with_suffix(".txt"), text, overwrite=overwrite)
+            status = "written"
+        except FileExistsError:
+            status = "skipped: its .txt appeared while captioning (kept)"
+    return CaptionResult(path, text, status)

@@ -29,6 +29,15 @@ from .perf_monitor import RunMonitor, RunRecord, TokenTimer
 from .prefix_cache import PrefixCache, prefix_cache_bytes, prefix_length, snapshot
 from .prompting import PromptBuilder, split_thinking
 from .runtime_choice import release_memory
+from .video import (
+    DEFAULT_MAX_FRAMES,
+    PreparedVideo,
+    VideoClip,
+    chunk_bounds,
+    join_chunks,
+    prepare_videos,
+    video_pixel_values,
+)
 
 if TYPE_CHECKING:
     from .qwenvl_loader import LoadOptions
@@ -49,6 +58,9 @@ ANSWER_BATCH_TOKENS = 16384
 class GenerationRequest:
     prompt: str
     images: list[torch.Tensor] = field(default_factory=list)
+    # Video clips (video.py): each through the model's video path, in the same prompt as the images.
+    videos: list[VideoClip] = field(default_factory=list)
+    max_frames: int = DEFAULT_MAX_FRAMES
     system_prompt: str = ""
     image_quality: str = qp.DEFAULT_QUALITY
     enable_image_cache: bool = True
@@ -159,7 +171,11 @@ class QwenVLModel:
         self.vision_calls = 0
         self.tokenizer = processor.tokenizer
         self.prompts = PromptBuilder(processor, config.image_token_id, family.merge_size,
-                                     tf_compat.takes_mm_token_type_ids(model))
+                                     tf_compat.takes_mm_token_type_ids(model),
+                                     video_token_id=getattr(config, "video_token_id", None),
+                                     video_timestamps=family.model_type.startswith("qwen3"),
+                                     with_second_per_grid_ts="second_per_grid_ts" in inspect.signature(
+                                         model.model.forward).parameters)
         text_cfg = getattr(config, "text_config", config)
         self.context_length = int(getattr(text_cfg, "max_position_embeddings", 32768))
         ip = processor.image_processor
@@ -241,10 +257,11 @@ class QwenVLModel:
         return f"{self.weights_identity}{self.cache_key_extra}|{self.options.model}|{self.dtype}"
 
     def _prefix_plan(self, req: GenerationRequest, inputs: dict[str, torch.Tensor],
-                     group: list[PreparedImage]) -> tuple[tuple, int] | None:
+                     group: list[PreparedImage], videos: list[PreparedVideo]) -> tuple[tuple, int] | None:
         """(key, prefix tokens) when this answer may reuse or fill the prefix cache, else None."""
-        if (self.prefix_reuse_off_reason or not req.enable_image_cache or not group
-                or not self.prefix_cache.enabled or any(g.key is None for g in group)):
+        media = [*group, *videos]
+        if (self.prefix_reuse_off_reason or not req.enable_image_cache or not media
+                or not self.prefix_cache.enabled or any(not m.key for m in media)):
             return None
         ids = inputs["input_ids"]
         if int(ids.shape[0]) != 1:
@@ -252,7 +269,7 @@ class QwenVLModel:
         tokens = prefix_length(ids, int(self.config.vision_end_token_id))
         if tokens <= 0 or tokens >= int(ids.shape[1]):
             return None
-        key = PrefixCache.key(self.prefix_identity, [g.key for g in group], ids[0, :tokens])
+        key = PrefixCache.key(self.prefix_identity, [m.key for m in media], ids[0, :tokens])
         return key, tokens
 
     # -- vision ----------------------------------------------------------------------------
@@ -269,8 +286,9 @@ class QwenVLModel:
         return [ImageEmbedding(per_embeds[i], [lvl[i] for lvl in per_deep], (int(t), int(h), int(w)))
                 for i, (t, h, w) in enumerate(grid_host.tolist())]
 
-    def build_inputs(self, prompt: str, system_prompt: str, images: list[PreparedImage]) -> dict[str, torch.Tensor]:
-        return self.prompts.build_inputs(prompt, system_prompt, images)
+    def build_inputs(self, prompt: str, system_prompt: str, images: list[PreparedImage],
+                     videos: list[PreparedVideo] | None = None) -> dict[str, torch.Tensor]:
+        return self.prompts.build_inputs(prompt, system_prompt, images, videos)
 
     def _prepare(self, images: list[torch.Tensor], req: GenerationRequest, cache: Any,
                  mon: RunMonitor) -> list[PreparedImage]:
@@ -304,6 +322,51 @@ class QwenVLModel:
                 for m in misses:
                     cache.put(m.key, m.embedding)
 
+    def _prepare_videos(self, req: GenerationRequest, cache: Any, mon: RunMonitor) -> list[PreparedVideo]:
+        if not req.videos:
+            return []
+        if not self.use_mm_encoder_outputs:
+            raise QwenVLError("Video needs transformers 5.18 or newer (the version that takes cached video "
+                              "embeddings): pip install -U transformers.")
+        if getattr(self.config, "video_token_id", None) is None:
+            raise QwenVLError(f"{self.family.name} has no video token in its config; it cannot take video.")
+        return prepare_videos(req.videos, req.image_quality, req.max_frames, self.image_spec, cache, mon,
+                              self.cache_key_extra)
+
+    def _embed_video_misses(self, req: GenerationRequest, videos: list[PreparedVideo], cache: Any,
+                            mon: RunMonitor) -> None:
+        """Encode each clip the cache did not have, a few temporal patches per vision-tower call.
+
+        Between calls the interrupt is honoured and progress reported (patches encoded of all clips' patches):
+        a long clip is not one uninterruptible encode.
+        """
+        misses = [v for v in videos if v.embedding is None]
+        if not misses:
+            return
+        total = sum(v.grid[0] for v in misses)
+        done = 0
+        for video in misses:
+            _check_stop(req, mon.record)
+            pixel_values, grid = video_pixel_values(video, req.videos[video.index], self.image_spec, mon)
+            t, h, w = (int(x) for x in grid[0].tolist())
+            if (t, h, w) != video.grid:
+                raise QwenVLError(f"internal: video grid {(t, h, w)} != predicted {video.grid}")
+            parts: list[ImageEmbedding] = []
+            for start, end in chunk_bounds(t):
+                _check_stop(req, mon.record)
+                with mon.stage("encode"), torch.inference_mode():
+                    chunk = torch.tensor([[end - start, h, w]], dtype=torch.long)
+                    parts.extend(self.encode(pixel_values[start * h * w:end * h * w], chunk))
+                done += end - start
+                if req.on_progress is not None:
+                    req.on_progress(done, total)
+            del pixel_values
+            video.embedding = join_chunks(parts, video.grid)
+            video.tier = "miss" if cache is not None else "off"
+            if cache is not None:
+                with mon.stage("cache"):
+                    cache.put(video.key, video.embedding)
+
     # -- run -------------------------------------------------------------------------------
     def run(self, req: GenerationRequest) -> GenerationResult:
         if not self.usable or self.model is None:
@@ -334,19 +397,32 @@ class QwenVLModel:
         rec = mon.record
         cache = get_cache(req.disk_cache) if req.enable_image_cache else None
         try:
+            if req.videos and req.batch_mode == BATCH_MODES[1] and len(req.images) > 1:
+                raise QwenVLError("'one answer per image' answers images one by one; a video goes into one prompt. "
+                                  "Use 'one prompt, all images', or run the video in its own node.")
             prepared = self._prepare(req.images, req, cache, mon)
+            videos = self._prepare_videos(req, cache, mon)
             self._embed_misses(req, prepared, cache, mon)
+            self._embed_video_misses(req, videos, cache, mon)
             for p in prepared:
                 rec.images.append({
                     "index": p.index, "size_in": list(p.size_in), "size_resized": list(p.size),
                     "tokens": p.tokens // self.family.merge_size ** 2, "preset": p.budget.label,
                     "detail_score": p.budget.detail_score, "cache": p.tier,
                 })
+            merge2 = self.family.merge_size ** 2
+            for v in videos:
+                rec.videos.append({
+                    "index": v.index, "frames": len(v.indices), "source_frames": v.total_frames, "fps": v.fps,
+                    "size_in": list(v.size_in), "size_resized": list(v.size), "preset": v.budget.preset,
+                    "tokens_per_frame": v.grid[1] * v.grid[2] // merge2, "tokens": v.tokens // merge2,
+                    "budget_tokens": v.clip_tokens, "cache": v.tier,
+                })
             if req.batch_mode == BATCH_MODES[1] and len(prepared) > 1:
                 answers = self._generate_each(req, prepared, mon)
             else:
                 _check_stop(req, rec)  # before the prefill
-                answers = [self._generate(req, prepared, mon, part=(0, 1))]
+                answers = [self._generate(req, prepared, mon, part=(0, 1), videos=videos)]
             texts, thoughts, token_ids = [], [], []
             for raw, ids in answers:
                 token_ids.append(ids)
@@ -393,13 +469,14 @@ class QwenVLModel:
         return max_new
 
     def _generate(self, req: GenerationRequest, group: list[PreparedImage], mon: RunMonitor,
-                  part: tuple[int, int]) -> tuple[str, list[int]]:
+                  part: tuple[int, int], videos: list[PreparedVideo] | None = None) -> tuple[str, list[int]]:
         with mon.stage("prompt"):
-            inputs = self.build_inputs(req.prompt, req.system_prompt, group)
-        return self._generate_built(req, inputs, group, mon, part, reuse_prefix=True)
+            inputs = self.build_inputs(req.prompt, req.system_prompt, group, videos)
+        return self._generate_built(req, inputs, group, mon, part, reuse_prefix=True, videos=videos)
 
     def _generate_built(self, req: GenerationRequest, inputs: dict[str, torch.Tensor], group: list[PreparedImage],
-                        mon: RunMonitor, part: tuple[int, int], reuse_prefix: bool = False) -> tuple[str, list[int]]:
+                        mon: RunMonitor, part: tuple[int, int], reuse_prefix: bool = False,
+                        videos: list[PreparedVideo] | None = None) -> tuple[str, list[int]]:
         """One answer from one prompt (already tokenised), with all of ``group``'s images in it.
 
         ``reuse_prefix``: the prompt's prefix (system turn and image tokens) comes from the prefix cache when it
@@ -429,7 +506,8 @@ class QwenVLModel:
                 if done_tokens[0] % STREAM_EVERY_TOKENS == 0:
                     req.on_text(self.prompts.decode_partial(streamed))
 
-        plan = self._prefix_plan(req, inputs, group) if reuse_prefix else None
+        videos = videos or []
+        plan = self._prefix_plan(req, inputs, group, videos) if reuse_prefix else None
         entry = self.prefix_cache.get(plan[0]) if plan is not None else None
         timer = TokenTimer(on_token=on_token)
         restore = None
@@ -440,7 +518,8 @@ class QwenVLModel:
             self.model.model.rope_deltas = entry.rope_deltas.to(self.device)
             rec.prefix_tokens_reused += entry.tokens
         else:
-            restore = self._pass_embeddings([g.embedding for g in group], gen_kwargs)
+            restore = self._pass_embeddings([g.embedding for g in group], gen_kwargs,
+                                            [v.embedding for v in videos])
             if plan is not None:
                 gen_kwargs["return_dict_in_generate"] = True  # for its cache, the prefix of which is kept
                 rec.prefix_tokens_prefilled += plan[1]
@@ -624,15 +703,18 @@ class QwenVLModel:
             req.on_text("\n\n".join(raws))
         return list(zip(raws, ids_per_row))
 
-    def _pass_embeddings(self, embeddings: list[ImageEmbedding],
-                         gen_kwargs: dict[str, Any]) -> Callable[[], None] | None:
-        """Hand the images' embeddings to generate; the vision tower never runs inside it."""
+    def _pass_embeddings(self, embeddings: list[ImageEmbedding], gen_kwargs: dict[str, Any],
+                         video_embeddings: list[ImageEmbedding] | None = None) -> Callable[[], None] | None:
+        """Hand the images' (and clips') embeddings to generate; the vision tower never runs inside it."""
+        levels = self.family.deepstack_levels
+        if video_embeddings:  # _prepare_videos made sure this transformers takes mm_encoder_outputs
+            gen_kwargs["mm_encoder_outputs"] = {
+                "video": tf_compat.encoder_outputs(video_embeddings, levels, self._deepstack_output_cls)}
         if not embeddings:
             return None
-        levels = self.family.deepstack_levels
         if self.use_mm_encoder_outputs:
-            gen_kwargs["mm_encoder_outputs"] = {
-                "image": tf_compat.encoder_outputs(embeddings, levels, self._deepstack_output_cls)}
+            gen_kwargs.setdefault("mm_encoder_outputs", {})["image"] = tf_compat.encoder_outputs(
+                embeddings, levels, self._deepstack_output_cls)
             return None
         flat = 3 * self.family.temporal_patch_size * self.family.patch_size ** 2
         placeholder = torch.empty((0, flat), dtype=self.visual_dtype, device=self.device)

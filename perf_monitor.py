@@ -42,6 +42,9 @@ class RunRecord:
     stages: dict[str, float] = field(default_factory=dict)
     total_s: float = 0.0
     images: list[dict[str, Any]] = field(default_factory=list)
+    # One entry per video clip: frames sampled (of the source's), tokens per temporal patch and in all, the
+    # clip's token budget, the per-frame size and the cache tier (video.py).
+    videos: list[dict[str, Any]] = field(default_factory=list)
     prompt_tokens: int = 0
     new_tokens: int = 0
     # Prefix-KV reuse (prefix_cache.py): prompt tokens whose KV came from the prefix cache, and prefix tokens

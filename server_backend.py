@@ -437,6 +437,10 @@ class ServerModel:
             raise QwenVLError("This server connection was closed; run the loader again.")
         if req.batch_mode not in BATCH_MODES:
             raise QwenVLError(f"Unknown batch_mode '{req.batch_mode}': choose one of {BATCH_MODES}.")
+        if req.videos:
+            # The pack's video path (sampling, clip budget, cache) runs the local model; a server samples and
+            # sizes video itself, from a video file it can fetch, which a frames tensor is not.
+            raise QwenVLError("Video runs on the local backend only: set backend to 'local' for a video input.")
         mon = RunMonitor(enabled=req.monitor)
         rec = mon.record
         rec.model = f"{self.served_model} @ {self.endpoint.url}"

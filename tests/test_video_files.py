@@ -1,0 +1,78 @@
+"""Caption Folder with video files: real files written with PyAV, decoded with PyAV, captioned through the
+model's video path beside the folder's images; a broken video file is reported and the folder goes on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_FAMILIES, load_tiny
+from qwenvl_fast import batch_caption, tf_compat, video
+from qwenvl_fast import qwenvl_loader as ql
+
+av = pytest.importorskip("av")
+pytestmark = pytest.mark.skipif(tf_compat.transformers_version() < (5, 18) or "tiny-qwen2.5-vl" not in TINY_FAMILIES,
+                                reason="video needs transformers >= 5.18")
+
+
+def write_video(path, frames, fps=10, codec="ffv1"):
+    """``frames`` uint8 [T,H,W,3] into a real video file (ffv1: lossless, so decoded frames can be compared)."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame.numpy(), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def clip_frames(count=20, h=64, w=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(count, h, w, 3, generator=g) * 255).to(torch.uint8)
+
+
+def test_load_video_file_samples_evenly_and_exactly(tmp_path):
+    frames = clip_frames()
+    path = tmp_path / "clip.mkv"
+    write_video(path, frames, fps=10)
+    clip = batch_caption.load_video_file(path, max_frames=6)
+    assert clip.fps == pytest.approx(10.0)
+    assert clip.source_total == 20
+    assert clip.source_indices == video.sample_indices(20, 6, 2) == [0, 3, 6, 10, 13, 16]
+    assert torch.equal(clip.frames, frames[clip.source_indices])  # lossless: exactly the sampled frames
+    short = batch_caption.load_video_file(path, max_frames=64)
+    assert short.frames.shape[0] == 20 and short.source_indices == list(range(20))
+
+
+def test_caption_folder_with_videos(tmp_path, models_dir):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    frames = clip_frames(12, 56, 84, seed=1)
+    write_video(folder / "b_clip.mkv", frames, fps=6)
+    write_video(folder / "c_lossy.mp4", clip_frames(8, 64, 64, seed=2), fps=8, codec="mpeg4")
+    (folder / "d_broken.mp4").write_bytes(b"not a video at all")
+    from PIL import Image
+
+    Image.fromarray(frames[0].numpy()).save(folder / "a_still.png")
+    options = ql.LoadOptions(model=str(models_dir / "tiny-qwen2.5-vl"), dtype="fp32")
+    request = ql.GenerationRequest(prompt="Caption.", max_new_tokens=6, min_new_tokens=6, image_quality="fast",
+                                   max_frames=8, disk_cache=False)
+    images_only = batch_caption.caption_folder(options, folder, request, write_txt=False)
+    assert [r.path.name for r in images_only] == ["a_still.png"]
+    results = batch_caption.caption_folder(options, folder, request, write_txt=True, include_videos=True)
+    by_name = {r.path.name: r for r in results}
+    assert [r.path.name for r in results] == ["a_still.png", "b_clip.mkv", "c_lossy.mp4", "d_broken.mp4"]
+    assert by_name["b_clip.mkv"].status == by_name["c_lossy.mp4"].status == "written"
+    assert by_name["d_broken.mp4"].status.startswith("error: cannot read video")
+    assert (folder / "b_clip.txt").read_text(encoding="utf-8") == by_name["b_clip.mkv"].caption
+    # the clip's caption is the video path's answer for the same sampled frames, not four separate images
+    model = load_tiny(models_dir, "tiny-qwen2.5-vl", dtype="fp32")
+    indices = video.sample_indices(12, 8, 2)
+    direct = model.run(ql.GenerationRequest(
+        prompt="Caption.", videos=[video.VideoClip(frames[indices], 6.0, source_indices=indices, source_total=12)],
+        max_new_tokens=6, min_new_tokens=6, image_quality="fast", max_frames=8, enable_image_cache=False))
+    assert direct.text == by_name["b_clip.mkv"].caption
+    assert direct.record.videos[0]["frames"] == 8
+    assert direct.text  # a non-empty answer: the equality above compares something
