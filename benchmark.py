@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -67,10 +68,11 @@ sys.path.insert(0, str(HERE))
 import pack_path  # noqa: E402
 
 pack_path.import_pack()
-from qwenvl_fast import caches, fast_preprocess  # noqa: E402
+from qwenvl_fast import batch_caption, caches, fast_preprocess  # noqa: E402
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.embedding_cache import canonical_digest  # noqa: E402
+from qwenvl_fast.engine import ANSWER_BATCH_TOKENS  # noqa: E402
 from qwenvl_fast.images import pixel_values_for  # noqa: E402
 from qwenvl_fast.perf_monitor import RunMonitor, sync_device  # noqa: E402
 
@@ -79,11 +81,13 @@ log = logging.getLogger("QwenVL-Fast")
 PRESETS = ["ultra", "high", "balanced", "fast"]
 PROMPT = "Describe this image in detail."
 CHILD_MARK = "BENCH_CHILD_RESULT "
-SECTIONS = ["single", "hash", "multi", "attention", "e2e", "disk", "compile"]
+SECTIONS = ["single", "hash", "multi", "attention", "e2e", "disk", "compile", "answers"]
 QUICK_MODELS = ["synthetic:tiny-qwen2.5-vl", "synthetic:tiny-qwen3-vl"]
 CPU_MODEL = "synthetic:qwen2.5-vl-3b@1"
 GPU_MODEL = "synthetic:qwen2.5-vl-3b"
 N_MULTI = 4
+CAPTION_PROMPT = "Write a concise caption for this image."  # the Caption Folder node's default
+SYSTEM_PROMPT = "You are a helpful assistant."
 # The seed guide's table (Qwen3-VL-4B, one 1024x1024 image), which was never measured.
 SEED_CLAIMS = {"ultra": "~3.5 s, 1.0x", "high": "~2.2 s, 1.6x", "balanced": "~1.7 s, 2.1x", "fast": "~1.0 s, 3.5x",
                "cache": "~0.01 s, 350x", "compile": "~1.3 s, 2.7x"}
@@ -110,6 +114,53 @@ def make_image(size: int, seed: int = 0, k: int = 0) -> torch.Tensor:
     for j in range(4):
         img[0, j, 0] = ((k >> (8 * j)) & 255) / 255.0
     return img
+
+
+def write_image_folder(folder: Path, count: int, size: int, seed: int, first_k: int) -> list[Path]:
+    """``count`` different PNG files (``make_image`` content, each its own cache key), as Caption Folder reads them."""
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    for i in range(count):
+        arr = (make_image(size, seed, first_k + i).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+        path = folder / f"image_{i:03d}.png"
+        Image.fromarray(arr).save(path)
+        files.append(path)
+    return files
+
+
+@contextmanager
+def count_generate_calls(model: Any) -> Iterator[list[int]]:
+    """Counts ``model.generate`` calls inside the block (an instance wrapper, removed afterwards)."""
+    calls = [0]
+    had = "generate" in vars(model)
+    inner = model.generate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    model.generate = counting
+    try:
+        yield calls
+    finally:
+        if had:
+            model.generate = inner
+        else:
+            del model.generate
+
+
+def device_bandwidth(device: torch.device) -> float | None:
+    """Peak memory bandwidth in bytes/s from the CUDA device's properties (None when they do not say)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return clock_khz * 1000 * 2 * bus_bits / 8  # double data rate, as engine.expected_decode_tokens_per_s
 
 
 class Clock:
@@ -213,7 +264,30 @@ def row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         "compile.off": ("compile", f"vision tower eager (`{args.compile_quality}`, steady state)"),
         "compile.on": ("compile", f"vision tower torch.compile (`{args.compile_quality}`, steady state)"),
     })
+    rows.update(answer_row_labels(args))
     return rows
+
+
+def answer_row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """The rows of the 'answers' section (prefix reuse, batched answers, decode vs floor, folder captioning)."""
+    size, n = args.image_size, args.new_tokens
+    k, t, q, a = args.answers_images, args.answers_new_tokens, args.answers_quality, args.answers_image_size
+    f, fc = args.folder_images, args.folder_cache
+    folder = f"Caption Folder, {f} {a}x{a} PNG files -> .txt, `{q}`, {t} new tokens, embeddings {fc}"
+    return {
+        "answers.prefix_reuse": ("answers", f"new question, seen {size}x{size} image, same system prompt: prefix KV "
+                                 f"reused (`balanced`, {n} new tokens)"),
+        "answers.prefix_no_reuse": ("answers", "new question, seen image, different system prompt: embedding-cache "
+                                    "hit, prefix prefilled again"),
+        "answers.each_one_by_one": ("answers", f"{k} images ({a}x{a}, `{q}`, embeddings cached), one answer each, "
+                                    f"{t} new tokens: one by one (answer_batch_tokens=0)"),
+        "answers.each_batched": ("answers", f"{k} images, one answer each: batched (answer_batch_tokens="
+                                 f"{ANSWER_BATCH_TOKENS})"),
+        "answers.decode_eager": ("answers", f"decode per token, eager (compile_decode=off), {t} new tokens"),
+        "answers.decode_auto": ("answers", f"decode per token, compile_decode=auto, {t} new tokens"),
+        "answers.folder_one_by_one": ("answers", f"{folder}: one by one"),
+        "answers.folder_batched": ("answers", f"{folder}: batched ({batch_caption.CHUNK} images per run)"),
+    }
 
 
 def complete_rows(entry: dict[str, Any], args: argparse.Namespace, reason: str) -> None:
@@ -605,6 +679,268 @@ class ModelBench:
                      speedup_vs_miss=miss[B] / hit[B])
         self.finish_rows([i for i, _, _ in ids], "no round finished within --time-budget")
 
+    # -- section: answers (prefix-KV reuse, batched answers, decode vs the floor, folder captioning) ------
+    def answer_request(self, images: list[torch.Tensor], prompt: str, *, system_prompt: str = "",
+                       quality: str = "balanced", new_tokens: int | None = None, **extra: Any) -> ql.GenerationRequest:
+        """A request with an exact answer length; memory-tier cache only (``disk_cache=False``)."""
+        n = int(self.args.new_tokens if new_tokens is None else new_tokens)
+        return ql.GenerationRequest(prompt=prompt, images=images, system_prompt=system_prompt, image_quality=quality,
+                                    enable_image_cache=True, disk_cache=False, max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, seed=0, monitor=True, **extra)
+
+    def timed_run(self, req: ql.GenerationRequest, qm: Any = None) -> tuple[dict[str, float], Any]:
+        gc.collect()  # keep a collector pause out of the timing
+        with self.clock.time() as t:
+            res = (qm or self.qm).run(req)
+        return t, res
+
+    def section_answers(self) -> None:
+        ids = self.ids(*answer_row_labels(self.args))
+        if not self.budget.allows():
+            return self.skip_section(ids, "--time-budget reached")
+        a = self.args
+        cache = ql.get_cache(False)  # what disk_cache=False requests use: every hit below is a memory hit
+        folder = Path(tempfile.mkdtemp(prefix="qwenvl-bench-folder-"))
+        self.answers_image: torch.Tensor | None = None
+        try:
+            files = write_image_folder(folder, int(a.folder_images), int(a.answers_image_size), a.seed, self.next_k)
+            self.next_k += int(a.folder_images)
+            parts = [(("answers.prefix_reuse", "answers.prefix_no_reuse"), self.answers_prefix),
+                     (("answers.each_one_by_one", "answers.each_batched"), lambda: self.answers_each(files)),
+                     (("answers.folder_one_by_one", "answers.folder_batched"),
+                      lambda: self.answers_folder(folder, cache)),
+                     (("answers.decode_eager", "answers.decode_auto"), self.answers_decode)]
+            for rids, fn in parts:
+                if not self.budget.allows():
+                    self.skip_section([i for i in ids if i[0] in rids], "--time-budget reached")
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    fn()
+                except Exception as exc:  # one part failing leaves the others measured
+                    log.exception("[bench] answers: %s failed", rids[0])
+                    for rid in rids:
+                        self.rows[rid].status, self.rows[rid].reason = "failed", f"{type(exc).__name__}: {exc}"
+                log.info("[bench] answers: %s took %.1f s", rids[0].split(".")[1].split("_")[0],
+                         time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.finish_rows([i for i, _, _ in ids], "no round finished within --time-budget")
+
+    def answers_prefix(self) -> None:
+        """(a) a new question with the same system prompt (prefix KV reused) vs (b) a system prompt never seen
+        before: the image's embeddings are a memory hit, but its prefix (system turn + image tokens) is prefilled."""
+        rids = ("answers.prefix_reuse", "answers.prefix_no_reuse")
+        off = getattr(self.qm, "prefix_reuse_off_reason", "this engine has no prefix reuse")
+        if off:
+            return self.skip_section(self.ids(*rids), f"prefix reuse is off for this model: {off}")
+        n = int(self.args.new_tokens)
+        _, img = self.new_image()
+        self.answers_image = img
+        # Untimed: encodes the image (a miss) and keeps the prefix of SYSTEM_PROMPT + image.
+        self.qm.run(self.answer_request([img], "Warm-up: what is this?", system_prompt=SYSTEM_PROMPT))
+        for r, warm in self.rounds("answers: prefix reuse", int(self.args.repeats)):
+            got: dict[str, dict[str, float]] = {}
+            question = f"Question {r}: what is in this image?"
+            for v in (["reuse", "no_reuse"] if r % 2 == 0 else ["no_reuse", "reuse"]):
+                system = SYSTEM_PROMPT if v == "reuse" else f"System prompt number {r} of this benchmark."
+                t, res = self.timed_run(self.answer_request([img], question, system_prompt=system))
+                rec = res.record
+                if rec.images[0]["cache"] != "memory" or rec.new_tokens != n:
+                    raise RuntimeError(f"{v}: cache {rec.images[0]['cache']}, {rec.new_tokens} new tokens")
+                if (rec.prefix_tokens_reused > 0) != (v == "reuse") or (v != "reuse" and not
+                                                                         rec.prefix_tokens_prefilled):
+                    raise RuntimeError(f"{v}: {rec.prefix_tokens_reused} prefix tokens reused, "
+                                       f"{rec.prefix_tokens_prefilled} prefilled")
+                st = rec.stages
+                got[v] = dict(time_s=t["wall"], cpu_s=t["cpu"], prefill_s=st.get("prefill", 0.0),
+                              decode_s=st.get("decode", 0.0), decode_per_token_s=st.get("decode", 0.0) / max(1, n - 1),
+                              prompt_tokens=rec.prompt_tokens, prefix_tokens_reused=rec.prefix_tokens_reused,
+                              prefix_tokens_prefilled=rec.prefix_tokens_prefilled, new_tokens=rec.new_tokens)
+            log.info("[bench] round %d prefix: reuse %s (prefill %s), no reuse %s (prefill %s)", r,
+                     fmt_time(got["reuse"]["time_s"]), fmt_time(got["reuse"]["prefill_s"]),
+                     fmt_time(got["no_reuse"]["time_s"]), fmt_time(got["no_reuse"]["prefill_s"]))
+            if warm:
+                continue
+            reuse, fresh = got["reuse"], got["no_reuse"]
+            B = self.basis
+            self.add(self.rows["answers.prefix_no_reuse"], **fresh)
+            self.add(self.rows["answers.prefix_reuse"], **reuse, speedup_vs_no_reuse=fresh[B] / reuse[B],
+                     wall_speedup_vs_no_reuse=fresh["time_s"] / reuse["time_s"],
+                     prefill_speedup=fresh["prefill_s"] / reuse["prefill_s"])
+        self.rows["answers.prefix_reuse"].info.update(self.decode_weights())
+
+    def decode_weights(self) -> dict[str, float]:
+        """What one decode step reads: the language model's weights (vision tower and input-embedding lookup
+        left out; tied embeddings counted once, as the lm_head), and the lm_head alone timed on one token."""
+        model = self.qm.model
+        visual = {id(p) for p in self.qm.visual.parameters()}
+        lookup = model.get_input_embeddings().weight
+        head_mod = model.get_output_embeddings()
+        head = head_mod.weight
+        total = sum(p.numel() * p.element_size() for p in model.parameters()
+                    if id(p) not in visual and not (p is lookup and p is not head))
+        h = torch.randn(1, 1, int(head.shape[1]), dtype=head.dtype, device=head.device)
+        times = []
+        with torch.inference_mode():
+            for _ in range(6):
+                with self.clock.time() as t:
+                    head_mod(h)
+                times.append(t["wall"])
+        return dict(weight_bytes_per_token=int(total), lm_head_bytes=int(head.numel() * head.element_size()),
+                    vocab=int(head.shape[0]), lm_head_one_token_s=median(times[1:]))
+
+    def answers_each(self, files: list[Path]) -> None:
+        """N images, one answer each: one batched generate (default answer_batch_tokens) vs one by one (0)."""
+        k, t, q = int(self.args.answers_images), int(self.args.answers_new_tokens), self.args.answers_quality
+        imgs = [batch_caption.load_image_file(f) for f in files[:k]]
+        if len(imgs) != k:
+            raise RuntimeError(f"{len(imgs)} images for {k} answers (--folder-images < --answers-images)")
+        budgets = {"one_by_one": 0, "batched": ANSWER_BATCH_TOKENS}
+
+        def req(v: str) -> ql.GenerationRequest:
+            return self.answer_request(imgs, CAPTION_PROMPT, quality=q, new_tokens=t, batch_mode=ql.BATCH_MODES[1],
+                                       answer_batch_tokens=budgets[v])
+
+        # Untimed: encodes the images once (both variants below are memory hits) and warms the batched shapes.
+        self.qm.run(req("batched"))
+        for r, warm in self.rounds("answers: one answer per image", int(self.args.repeats)):
+            got: dict[str, dict[str, float]] = {}
+            for v in (["one_by_one", "batched"] if r % 2 == 0 else ["batched", "one_by_one"]):
+                calls = self.qm.vision_calls
+                with count_generate_calls(self.qm.model) as gen_calls:
+                    tm, res = self.timed_run(req(v))
+                rec = res.record
+                if (self.qm.vision_calls != calls or any(i["cache"] != "memory" for i in rec.images)
+                        or rec.new_tokens != k * t or len(res.texts) != k):
+                    raise RuntimeError(f"{v}: {self.qm.vision_calls - calls} encodes, tiers "
+                                       f"{[i['cache'] for i in rec.images]}, {rec.new_tokens} tokens, "
+                                       f"{len(res.texts)} answers")
+                want = k if v == "one_by_one" else None
+                if (want is not None and gen_calls[0] != want) or (want is None and k > 1 and gen_calls[0] >= k):
+                    raise RuntimeError(f"{v}: {gen_calls[0]} generate calls for {k} answers")
+                st = rec.stages
+                got[v] = dict(time_s=tm["wall"], cpu_s=tm["cpu"], per_caption_s=tm["wall"] / k,
+                              captions_per_s=k / tm["wall"], prefill_s=st.get("prefill", 0.0),
+                              decode_s=st.get("decode", 0.0), new_tokens=rec.new_tokens,
+                              prompt_tokens=rec.prompt_tokens, generate_calls=gen_calls[0])
+            log.info("[bench] round %d one answer per image: one by one %s, batched %s", r,
+                     fmt_time(got["one_by_one"]["time_s"]), fmt_time(got["batched"]["time_s"]))
+            if warm:
+                continue
+            base = got["one_by_one"][self.basis]
+            for v in budgets:
+                self.add(self.rows[f"answers.each_{v}"], **got[v], speedup_vs_one_by_one=base / got[v][self.basis])
+
+    def answers_folder(self, folder: Path, cache: Any) -> None:
+        """Caption Folder end to end (read files, hash, embed or hit, answer, write .txt) through run_once."""
+        f, t, q = int(self.args.folder_images), int(self.args.answers_new_tokens), self.args.answers_quality
+        cold = self.args.folder_cache == "cold"
+        budgets = {"one_by_one": 0, "batched": ANSWER_BATCH_TOKENS}
+        manager = ql.ModelManager()
+        manager.current = self.qm  # run_once reuses the loaded model (same options), as the node's handle does
+
+        def empty_cache() -> None:
+            cache.memory.clear()
+            cache.digests.clear()
+
+        def caption(budget: int) -> tuple[dict[str, float], int]:
+            req = self.answer_request([], CAPTION_PROMPT, quality=q, new_tokens=t, answer_batch_tokens=budget)
+            calls = self.qm.vision_calls
+            gc.collect()
+            with self.clock.time() as tm:
+                results = batch_caption.caption_folder(self.qm.options, folder, req, write_txt=True, overwrite=True,
+                                                       keep_model_loaded=True, manager=manager)
+            bad = [f"{r.path.name}: {r.status}" for r in results if r.status != "written"]
+            if len(results) != f or bad:
+                raise RuntimeError(f"{len(results)} captions for {f} files; not written: {bad[:3]}")
+            return tm, self.qm.vision_calls - calls
+
+        try:
+            empty_cache()
+            tm, calls = caption(ANSWER_BATCH_TOKENS)  # the first pass: every image a miss (the warm-up)
+            first = dict(first_pass_s=tm["wall"], first_pass_cpu_s=tm["cpu"], first_pass_vision_calls=calls)
+            chunks = math.ceil(f / batch_caption.CHUNK)
+            for r, warm in self.rounds("answers: caption folder", int(self.args.repeats)):
+                got: dict[str, dict[str, float]] = {}
+                for v in (["one_by_one", "batched"] if r % 2 == 0 else ["batched", "one_by_one"]):
+                    if cold:
+                        empty_cache()
+                    tm, calls = caption(budgets[v])
+                    if calls != (chunks if cold else 0):
+                        raise RuntimeError(f"{v}: {calls} vision calls with {self.args.folder_cache} embeddings")
+                    got[v] = dict(time_s=tm["wall"], cpu_s=tm["cpu"], captions_per_s=f / tm["wall"],
+                                  per_caption_s=tm["wall"] / f)
+                log.info("[bench] round %d caption folder: one by one %s, batched %s", r,
+                         fmt_time(got["one_by_one"]["time_s"]), fmt_time(got["batched"]["time_s"]))
+                if warm:
+                    continue
+                base = got["one_by_one"][self.basis]
+                for v in budgets:
+                    self.add(self.rows[f"answers.folder_{v}"], **got[v],
+                             speedup_vs_one_by_one=base / got[v][self.basis])
+            self.rows["answers.folder_batched"].info.update(first)
+        finally:
+            manager.current = None
+
+    def answers_decode(self) -> None:
+        """Decode time per token (one cached image, fixed length) against the weight-bandwidth floor (CUDA)."""
+        rids = ("answers.decode_eager", "answers.decode_auto")
+        if self.qm.device.type != "cuda":
+            return self.skip_section(self.ids(*rids), "GPU only: decode per token against a CUDA device's weight-"
+                                     f"bandwidth floor (this run: {self.qm.device.type})")
+        has_compile = "compile_decode" in {fl.name for fl in dataclasses.fields(ql.LoadOptions)}
+        modes = {"eager": "off", "auto": "auto"} if has_compile else {"eager": None}
+        if not has_compile:
+            self.skip_section(self.ids("answers.decode_auto"), "this build's LoadOptions has no compile_decode")
+        t = int(self.args.answers_new_tokens)
+        weights = self.decode_weights()
+        bandwidth = device_bandwidth(self.qm.device)
+        floor = weights["weight_bytes_per_token"] / bandwidth if bandwidth else None
+        models: dict[str, Any] = {}
+        img = self.answers_image if self.answers_image is not None else self.new_image()[1]
+        try:
+            for v, mode in modes.items():
+                if mode is None or getattr(self.qm.options, "compile_decode", None) == mode:
+                    models[v] = self.qm
+                else:
+                    models[v] = ql.load_model(dataclasses.replace(self.qm.options, compile_decode=mode))
+
+            def req(i: int) -> ql.GenerationRequest:
+                return self.answer_request([img], f"Question {i}: describe this image in detail.", new_tokens=t)
+
+            warmups: dict[str, list[float]] = {}
+            for v, m in models.items():  # encode (once), compile, and a second prompt length
+                for i in range(2):
+                    tm, _ = self.timed_run(req(-1 - i), m)
+                    warmups.setdefault(v, []).append(tm["wall"])
+            for r, warm in self.rounds("answers: decode per token", int(self.args.repeats)):
+                got: dict[str, dict[str, float]] = {}
+                for v in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                    tm, res = self.timed_run(req(r), models[v])
+                    rec = res.record
+                    if rec.new_tokens != t:
+                        raise RuntimeError(f"{v}: {rec.new_tokens} new tokens, expected {t}")
+                    per = rec.stages.get("decode", 0.0) / max(1, t - 1)
+                    got[v] = dict(time_s=tm["wall"], decode_s=rec.stages.get("decode", 0.0), decode_per_token_s=per,
+                                  tokens_per_s=1.0 / per, **({"over_floor": per / floor} if floor else {}))
+                log.info("[bench] round %d decode per token: %s", r,
+                         ", ".join(f"{v} {fmt_time(g['decode_per_token_s'])}" for v, g in got.items()))
+                if warm:
+                    continue
+                for v, g in got.items():
+                    self.add(self.rows[f"answers.decode_{v}"], **g,
+                             speedup_vs_eager=got["eager"]["decode_per_token_s"] / g["decode_per_token_s"])
+            for v, m in models.items():
+                self.rows[f"answers.decode_{v}"].info.update(
+                    weights, floor_s=floor, bandwidth_bytes_per_s=bandwidth, warmup_s=warmups.get(v),
+                    compile_decode=getattr(m.options, "compile_decode", None),
+                    compile_state={k: str(val)[:200] for k, val in vars(m).items() if "compile" in k})
+        finally:
+            for m in models.values():
+                if m is not self.qm:
+                    m.close()
+            ql.release_memory()
 
 # ---------------------------------------------------------------------------------------------
 # Child processes: disk-tier hit in a fresh process, torch.compile on/off
@@ -922,6 +1258,8 @@ def model_markdown(entry: dict[str, Any], args: argparse.Namespace) -> str:
             + ("Times are wall clock; **speedups are paired ratios of process CPU time** (all threads), which other "
                "tenants of a shared CPU hardly change, unlike wall time." if on_cpu else
                "Times are wall clock with the device synchronised; speedups are paired ratios of them."), ""]
+    if args.only == ["answers"]:
+        return "\n".join(out + answers_markdown(entry, args) + [""])
 
     out += [f"### Single {size}x{size} image: embedding time by preset (pack path, cache miss)", "",
             f"| Configuration | Visual tokens | Embedding time |{cpu_head} Speedup | Seed guide claimed |",
@@ -1070,7 +1408,126 @@ def model_markdown(entry: dict[str, Any], args: argparse.Namespace) -> str:
     else:
         out.append(f"| compiled | - |{' - |' if on_cpu else ''} - | {cell(on, '', 'status')} |")
     out.append("")
+    out += answers_markdown(entry, args)
     return "\n".join(out)
+
+
+def spread(row: Row | None, key: str, kind: str = "ratio") -> str:
+    """A row's median with its spread over rounds: ``1.45x (1.40x-1.50x)``; '-' when not measured."""
+    if row is None or row.status != "ok" or not row.samples.get(key):
+        return "-"
+    vals = row.samples[key]
+    f = fmt_ratio if kind == "ratio" else fmt_time
+    med = f(row.metrics.get(key, median(vals)))
+    return f"{med} (1 round)" if len(vals) == 1 else f"{med} ({f(min(vals))}-{f(max(vals))})"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if not isinstance(n, (int, float)) or n <= 0:
+        return "-"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def answers_markdown(entry: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The 'answers' section: prefix reuse, N answers batched vs one by one, decode vs floor, folder captioning."""
+    g = row_map(entry).get
+    on_cpu = ratio_basis(entry.get("device") or "cpu") == "cpu_s"
+    basis = "CPU time" if on_cpu else "wall time"
+    cpu_head, cpu_rule = (" CPU time |", "---|") if on_cpu else ("", "")
+
+    def cpu(r: Row | None) -> str:
+        return f" {cell(r, 'cpu_s')} |" if on_cpu else ""
+
+    rows = [g(rid) for rid in answer_row_labels(args)]
+    rounds = max([int(r.info.get("rounds", 0)) for r in rows if r is not None] or [0])
+    size, n, t = args.image_size, args.new_tokens, args.answers_new_tokens
+    out = ["", "### Answers: prefix reuse, one answer per image batched, decode, folder captioning", "",
+           f"Each pair alternates within every round (order rotated); a speedup is computed inside each round from "
+           f"{basis} and shown as the median over rounds with its spread (min-max, {rounds} round(s)). "
+           f"compile_decode of the loaded model: `{entry.get('compile_decode', 'n/a')}`.", ""]
+
+    a, b = g("answers.prefix_reuse"), g("answers.prefix_no_reuse")
+    out += [f"#### New question on a seen image ({size}x{size}, `balanced`, exactly {n} new tokens)", "",
+            f"| Configuration | Total |{cpu_head} Prefill | Decode | Prompt tokens | Prefix tokens reused / "
+            f"prefilled | Speedup end to end |",
+            f"|---|---|{cpu_rule}---|---|---|---|---|"]
+    for r, sp in ((a, spread(a, "speedup_vs_no_reuse")), (b, "1.00x" if b is not None and b.status == "ok" else "-")):
+        out.append(f"| {r.label if r else '-'} | {cell(r, 'time_s')} |{cpu(r)} {cell(r, 'prefill_s')} | "
+                   f"{cell(r, 'decode_s')} | {cell(r, 'prompt_tokens', 'int')} | "
+                   f"{cell(r, 'prefix_tokens_reused', 'int')} / {cell(r, 'prefix_tokens_prefilled', 'int')} | {sp} |")
+    if a is not None and a.status == "ok" and b is not None and b.status == "ok":
+        am, bm, info = a.metrics, b.metrics, a.info
+        per = am["decode_per_token_s"]
+        out += ["", f"Prefill alone (wall time of the stage): {spread(a, 'prefill_speedup')}; end to end in wall "
+                f"time: {spread(a, 'wall_speedup_vs_no_reuse')}."]
+        if am["time_s"] > am["prefill_s"]:
+            out.append(f"With (a) the prefix costs nothing more, so end to end is bounded by the rest: decode "
+                       f"{fmt_time(am['decode_s'])} of (a)'s {fmt_time(am['time_s'])} total. Even a prefill of zero "
+                       f"would make (b)/(a) at most {fmt_ratio(bm['time_s'] / (am['time_s'] - am['prefill_s']))} "
+                       "(wall).")
+        wb, hb, head_s = info.get("weight_bytes_per_token"), info.get("lm_head_bytes"), info.get("lm_head_one_token_s")
+        if wb and hb and head_s:
+            out.append(f"Decode takes {fmt_time(per)} per token (the {n - 1} after the first). Each step reads the "
+                       f"language model's weights, {fmt_bytes(wb)} ({entry.get('dtype', '?')}), of which "
+                       f"{fmt_bytes(hb)} ({hb / wb * 100:.0f}%) are the {info.get('vocab', '?')}-entry lm_head; that "
+                       f"lm_head alone on one token takes {fmt_time(head_s)} here ({hb / head_s / 1e9:.1f} GB/s), "
+                       f"{head_s / per * 100:.0f}% of a decode step. The whole step streams the weights at "
+                       f"{wb / per / 1e9:.1f} GB/s.")
+    out.append("")
+    out += status_note([a, b])
+
+    k = args.answers_images
+    e1, e2 = g("answers.each_one_by_one"), g("answers.each_batched")
+    out += ["", f"#### {k} images, one answer each ({args.answers_image_size}x{args.answers_image_size}, "
+            f"`{args.answers_quality}`, exactly {t} new tokens, embeddings cached)", "",
+            f"| Configuration | Total |{cpu_head} Per answer | Answers/s | generate calls | Speedup |",
+            f"|---|---|{cpu_rule}---|---|---|---|"]
+    for r in (e1, e2):
+        sp = "1.00x" if r is e1 and r is not None and r.status == "ok" else spread(r, "speedup_vs_one_by_one")
+        rate = "-" if r is None or r.m("captions_per_s") is None else f"{r.metrics['captions_per_s']:.2f}"
+        out.append(f"| {r.label if r else '-'} | {cell(r, 'time_s')} |{cpu(r)} {cell(r, 'per_caption_s')} | "
+                   f"{rate} | {cell(r, 'generate_calls', 'int')} | {sp} |")
+    out.append("")
+    out += status_note([e1, e2])
+
+    d1, d2 = g("answers.decode_eager"), g("answers.decode_auto")
+    out += ["", f"#### Decode per token against the weight-bandwidth floor (one image, exactly {t} new tokens)", "",
+            "| Configuration | Decode per token | Tokens/s | Floor | x floor | Speedup vs eager |",
+            "|---|---|---|---|---|---|"]
+    eager_one = "1.00x" if d1 is not None and d1.status == "ok" else "-"
+    for r in (d1, d2):
+        floor = r.info.get("floor_s") if r is not None and r.status == "ok" else None
+        tps = "-" if r is None or r.m("tokens_per_s") is None else f"{r.metrics['tokens_per_s']:.1f}"
+        xf = "-" if r is None or r.m("over_floor") is None else f"{r.metrics['over_floor']:.2f}x"
+        out.append(f"| {r.label if r else '-'} | {spread(r, 'decode_per_token_s', 'time')} | {tps} | "
+                   f"{fmt_time(floor)} | {xf} | {spread(r, 'speedup_vs_eager') if r is d2 else eager_one} |")
+    if d1 is not None and d1.status == "ok":
+        i = d1.info
+        bw = i.get("bandwidth_bytes_per_s")
+        out += ["", f"Floor = {fmt_bytes(i.get('weight_bytes_per_token'))} of language-model weights read per token "
+                f"/ {'-' if not bw else f'{bw / 1e12:.2f} TB/s'} peak memory bandwidth (device properties)."]
+    out.append("")
+    out += status_note([d1, d2])
+
+    f1, f2 = g("answers.folder_one_by_one"), g("answers.folder_batched")
+    out += ["", f"#### Caption Folder, {args.folder_images} image files end to end (files read, hashed, "
+            f"{'encoded' if args.folder_cache == 'cold' else 'embeddings from the memory cache'}, answered, "
+            f".txt written; `{args.answers_quality}`, exactly {t} new tokens)", "",
+            f"| Configuration | Total |{cpu_head} Captions/s | Speedup |", f"|---|---|{cpu_rule}---|---|"]
+    for r in (f1, f2):
+        sp = "1.00x" if r is f1 and r is not None and r.status == "ok" else spread(r, "speedup_vs_one_by_one")
+        rate = "-" if r is None or r.m("captions_per_s") is None else f"{r.metrics['captions_per_s']:.2f}"
+        out.append(f"| {r.label if r else '-'} | {cell(r, 'time_s')} |{cpu(r)} {rate} | {sp} |")
+    if f2 is not None and f2.status == "ok" and "first_pass_s" in f2.info:
+        i = f2.info
+        out += ["", f"First pass (every image a miss, batched; the warm-up, not paired): "
+                f"{fmt_time(i['first_pass_s'])}, {args.folder_images / i['first_pass_s']:.2f} captions/s, "
+                f"{i['first_pass_vision_calls']} vision-tower calls."]
+    out.append("")
+    out += status_note([f1, f2])
+    return out
 
 
 def to_markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
@@ -1150,6 +1607,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-budget", type=float, default=300.0,
                    help="seconds for the compile child process (compile + measurements); 0 skips compile")
     p.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="skip a section (repeatable)")
+    p.add_argument("--only", action="append", default=[], choices=SECTIONS,
+                   help="run only this section (repeatable): every other one is skipped")
+    p.add_argument("--answers-images", type=int, default=None,
+                   help="answers section: images answered one each, batched vs one by one (default 8; 3 quick)")
+    p.add_argument("--answers-new-tokens", type=int, default=None, help="answers section: exact new tokens per "
+                   "answer of the batched, folder and decode rows (default 64 CUDA, 16 CPU, 4 quick)")
+    p.add_argument("--answers-image-size", type=int, default=None, help="answers section: side of the images "
+                   "answered one each and of the folder's files (default 1024 CUDA, 320 CPU, 64 quick)")
+    p.add_argument("--answers-quality", default="fast", choices=PRESETS,
+                   help="answers section: preset of the images answered one each and of the folder")
+    p.add_argument("--folder-images", type=int, default=None, help="answers section: image files in the captioned "
+                   "folder (default 16; 5 quick)")
+    p.add_argument("--folder-cache", choices=["cold", "warm"], default=None,
+                   help="answers section: the folder rows with an empty embedding cache before each pass (cold: "
+                        "every image encoded, default on CUDA) or with the embeddings of the first pass (warm: "
+                        "re-captioning, default on CPU, where the full-size vision tower takes seconds per image)")
     p.add_argument("--json", help="write all results (with raw samples) to this JSON file")
     p.add_argument("--markdown", help="write the tables to this markdown file")
     p.add_argument("--render-json", metavar="FILE", help="measure nothing: re-render the tables of a saved --json "
@@ -1173,6 +1646,18 @@ def apply_defaults(args: argparse.Namespace, device: torch.device) -> None:
         args.image_size = 256 if args.quick else 1024
     if args.quick:
         args.compile_budget = 0
+    if args.only:
+        args.skip = sorted(set(args.skip) | {s for s in SECTIONS if s not in args.only})
+    if args.answers_images is None:
+        args.answers_images = 3 if args.quick else 8
+    if args.answers_new_tokens is None:
+        args.answers_new_tokens = 4 if args.quick else (64 if cuda else 16)
+    if args.answers_image_size is None:
+        args.answers_image_size = 64 if args.quick else (1024 if cuda else 320)
+    if args.folder_images is None:
+        args.folder_images = 5 if args.quick else 16
+    if args.folder_cache is None:
+        args.folder_cache = "cold" if cuda else "warm"
 
 
 def bench_model(name: str, args: argparse.Namespace, budget: TimeBudget, entry: dict[str, Any],
@@ -1184,6 +1669,7 @@ def bench_model(name: str, args: argparse.Namespace, budget: TimeBudget, entry: 
                  dtype=str(qm.dtype).replace("torch.", ""), use_mm_encoder_outputs=qm.use_mm_encoder_outputs,
                  attention=qm.attention, vision_attention=getattr(qm, "vision_attention", qm.attention),
                  params=sum(p.numel() for p in qm.model.parameters()),
+                 compile_decode=getattr(qm.options, "compile_decode", "n/a (not in this build)"),
                  vision_params=sum(p.numel() for p in qm.visual.parameters()))
     log.info("[bench] %s built in %.1f s (%s, %s)", name, entry["load_s"], entry["device"], entry["dtype"])
     bench = ModelBench(qm, args, budget, entry)
@@ -1192,7 +1678,7 @@ def bench_model(name: str, args: argparse.Namespace, budget: TimeBudget, entry: 
         bench.warm_start()
         for section, fn in (("single", bench.section_single), ("hash", bench.section_hash),
                             ("multi", bench.section_multi), ("attention", bench.section_attention),
-                            ("e2e", bench.section_e2e)):
+                            ("e2e", bench.section_e2e), ("answers", bench.section_answers)):
             if section in args.skip:
                 entry["notes"].append(f"section '{section}' skipped (--skip)")
                 continue
@@ -1256,6 +1742,9 @@ def main(argv: list[str] | None = None) -> int:
                      quick=args.quick, models=args.model, repeats=args.repeats, hit_repeats=args.hit_repeats,
                      multi_repeats=args.multi_repeats or args.repeats, warmup=args.warmup,
                      image_size=args.image_size, new_tokens=args.new_tokens, time_budget=args.time_budget,
+                     answers=dict(images=args.answers_images, new_tokens=args.answers_new_tokens,
+                                  image_size=args.answers_image_size, quality=args.answers_quality,
+                                  folder_images=args.folder_images, folder_cache=args.folder_cache),
                      started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), notes=[]),
         "models": [],
     }
