@@ -542,3 +542,59 @@ def test_caption_folder_through_a_vllm_server(comfy_server, tiny_choice, vllm_se
     summary = node_ui(entry, "7")["text"]
     assert sorted(summary) == [f"img{i}.png: written" for i in range(5)], summary
     assert len(list(folder.glob("*.txt"))) == 5
+
+
+# ------------------------------------------------------------------------------------------ video
+def _video_graph(info: dict, image: str, amount: int, **values) -> dict:
+    """LoadImage -> RepeatImageBatch (an IMAGE batch of frames, as video loaders give) -> Run's ``video``."""
+    graph = _run_graph(info, None, **values)
+    graph["1"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    graph["4"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": amount}}
+    graph["2"]["inputs"]["video"] = ["4", 0]
+    return graph
+
+
+def test_frames_to_run_go_through_the_video_path(comfy_server, run_info, tiny_choice):
+    optional = run_info["input"].get("optional", {})
+    assert optional["video"][0] == "IMAGE" and optional["video_clip"][0] == "VIDEO"
+    assert {"video_fps", "max_frames"} <= set(optional)
+    image = _image(comfy_server, 31, size=(84, 56))
+    values = _fast(tiny_choice, prompt="What happens in this clip?", video_fps=12.0, max_frames=4)
+    first = comfy_server.run(_video_graph(run_info, image, 10, **values), timeout=180)
+    _assert_success(first, comfy_server)
+    timing = _timing(first)
+    assert timing["images"] == [] and len(timing["videos"]) == 1, timing
+    clip = timing["videos"][0]
+    assert (clip["frames"], clip["source_frames"], clip["fps"], clip["cache"]) == (4, 10, 12.0, "miss"), clip
+    assert clip["tokens"] == 2 * clip["tokens_per_frame"] <= clip["budget_tokens"]
+    values["prompt"] = "Describe the motion."
+    second = comfy_server.run(_video_graph(run_info, image, 10, **values), timeout=180)
+    _assert_success(second, comfy_server)
+    assert _timing(second)["videos"][0]["cache"] == "memory"
+
+
+def test_load_video_to_run_where_comfyui_has_video(comfy_server, run_info, tiny_choice):
+    """Current ComfyUI's Load Video gives a VIDEO (frames + rate); the March-2024 one has no such node."""
+    if "LoadVideo" not in comfy_server.object_info():
+        pytest.skip("this ComfyUI has no Load Video node (VIDEO type)")
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    name = f"qwen-test-{uuid.uuid4().hex[:6]}.mp4"
+    rng = np.random.default_rng(5)
+    with av.open(str(comfy_server.input_dir / name), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for _ in range(12):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    graph = _run_graph(run_info, None, **_fast(tiny_choice, prompt="What happens?", max_frames=6))
+    graph["1"] = {"class_type": "LoadVideo", "inputs": {"file": name}}
+    graph["2"]["inputs"]["video_clip"] = ["1", 0]
+    entry = comfy_server.run(graph, timeout=180)
+    _assert_success(entry, comfy_server)
+    clip = _timing(entry)["videos"][0]
+    assert (clip["frames"], clip["source_frames"]) == (6, 12) and clip["fps"] == pytest.approx(15.0), clip
