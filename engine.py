@@ -21,6 +21,7 @@ import torch
 from . import quality_presets as qp
 from . import tf_compat
 from .caches import get_cache
+from .decode_compile import DecodeCompile
 from .embedding_cache import ImageEmbedding
 from .errors import GenerationInterrupted, QwenVLError
 from .images import ImageSpec, PreparedImage, canonicalize_image, pixel_values_for, prepare_images
@@ -192,11 +193,16 @@ class QwenVLModel:
         self.prefix_cache = PrefixCache(prefix_cache_bytes())
         self.prefix_reuse_off_reason = self._prefix_reuse_off_reason()
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # Static KV cache + torch.compile for decode where supported (decode_compile.py); one log line when not.
+        self.decode_compile = DecodeCompile(model, getattr(options, "compile_decode", "auto"), device,
+                                            quantization=options.quantization, model_type=family.model_type,
+                                            context_length=self.context_length)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         self.usable = False
         self.prefix_cache.clear()
+        self.decode_compile.release()
         model = self.model
         self.model = None
         if model is not None:
@@ -523,6 +529,9 @@ class QwenVLModel:
             if plan is not None:
                 gen_kwargs["return_dict_in_generate"] = True  # for its cache, the prefix of which is kept
                 rec.prefix_tokens_prefilled += plan[1]
+        # A static cache (compiled decode); a reused prefix's DynamicCache is copied into it (decode_compile.py)
+        self.decode_compile.prepare(gen_kwargs, int(inputs["input_ids"].shape[0]), prompt_len, max_new,
+                                    self._cache_kwarg)
         pad_id = self.tokenizer.pad_token_id
         try:
             with torch.inference_mode():
@@ -534,10 +543,12 @@ class QwenVLModel:
             timer.end()
             if restore is not None:
                 restore()
+            rec.decode_compile = self.decode_compile.last_status  # after: a compile that failed says so
         if not isinstance(output, torch.Tensor):
             sequences = output.sequences
             if plan is not None and entry is None and not stop.stopped:
-                self._keep_prefix(plan, getattr(output, "cache", None) or getattr(output, "past_key_values", None))
+                cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+                self._keep_prefix(plan, self.decode_compile.prefix_view(cache, plan[1]))
             output = sequences
         mon.add("prefill", timer.prefill_s)
         mon.add("decode", timer.decode_s)
@@ -675,6 +686,7 @@ class QwenVLModel:
 
         timer = TokenTimer(on_token=on_token)  # it sees one token per row per step; rows are counted here
         restore = self._pass_embeddings([g.embedding for g in group], gen_kwargs)
+        self.decode_compile.prepare(gen_kwargs, count, width, max_new, self._cache_kwarg)
         try:
             with torch.inference_mode():
                 output = self.model.generate(
@@ -685,6 +697,7 @@ class QwenVLModel:
             timer.end()
             if restore is not None:
                 restore()
+            rec.decode_compile = self.decode_compile.last_status
         rec.prompt_tokens += sum(lengths)  # real prompt tokens: padding is not counted
         mon.add("prefill", timer.prefill_s)
         for _ in range(count - 1):

@@ -37,6 +37,7 @@ class RunRecord:
     quality: str = ""
     compile: str = "off"
     compile_warmup_s: float | None = None
+    decode_compile: str = "off"  # "on": static KV cache + torch.compile decode (decode_compile.py); "off (why)"
     model_loaded_this_run: bool = False
     keep_model_loaded: bool = True
     stages: dict[str, float] = field(default_factory=dict)
@@ -78,6 +79,8 @@ class RunRecord:
             tokens = sum(i["tokens"] for i in self.images)
             img = f" | {len(self.images)} image(s), {tokens} visual tokens, cache {hits}/{len(self.images)} hit"
         speed = f", {self.decode_tokens_per_s:.1f} tok/s" if self.decode_tokens_per_s else ""
+        if self.decode_compile == "on":
+            speed += ", compiled decode"
         return (
             f"[QwenVL-Fast] {self.model} ({self.family}, {self.device} {self.dtype}) total {self.total_s:.2f}s: "
             + ", ".join(parts) + img + f" | {self.new_tokens} new tokens{speed}"

@@ -27,6 +27,7 @@ import torch
 
 from . import synthetic, vision_attention
 from .caches import clear_memory_caches, get_cache
+from .decode_compile import DECODE_COMPILE_CHOICES
 from .download import download_model
 from .embedding_cache import canonical_digest
 from .engine import (
@@ -78,6 +79,7 @@ class LoadOptions:
     dtype: str = "auto"
     device: str = "auto"
     compile_vision: str = "off"
+    compile_decode: str = "auto"  # static KV cache + torch.compile decode: auto (CUDA, where supported) or off
     allow_absolute_path: bool = True
     # backend "server": an OpenAI-compatible server answers instead (server_backend.py); model is then unused.
     backend: str = "local"
@@ -271,7 +273,8 @@ def _local_tip_context(model: QwenVLModel, options: LoadOptions, rec: Any) -> An
 
 
 __all__ = [
-    "ATTENTION_CHOICES", "BACKENDS", "BATCH_MODES", "COMPILE_CHOICES", "DEVICE_CHOICES", "DTYPE_CHOICES",
+    "ATTENTION_CHOICES", "BACKENDS", "BATCH_MODES", "COMPILE_CHOICES", "DECODE_COMPILE_CHOICES", "DEVICE_CHOICES",
+    "DTYPE_CHOICES",
     "INCOMPLETE_MARKER", "MANAGER", "PREPROCESS_CHOICES", "QUANTIZATION_CHOICES", "GenerationInterrupted",
     "GenerationRequest",
     "GenerationResult", "LoadOptions", "ModelManager", "ModelNotFoundError", "QwenVLError", "QwenVLModel",
