@@ -25,7 +25,7 @@ CATEGORY = "Qwen-VL Fast"
 MODEL_TYPE = "QWENVL_MODEL"
 DEFAULT_COMPILE = "off"  # the benchmark decides; see README "Performance"
 LOADER_INPUTS = ("model", "quantization", "attention_mode", "dtype", "device", "compile_vision", "backend",
-                 "server_url", "server_model", "server_max_in_flight", "server_upload_format")
+                 "server_url", "server_model", "server_max_in_flight", "server_upload_format", "compile_decode")
 
 comfy_glue.connect()
 
@@ -133,6 +133,15 @@ def _loader_extras() -> dict[str, tuple]:
     }
 
 
+def _decode_inputs() -> dict[str, tuple]:
+    # Optional and last: workflows saved before it load unchanged, with the default.
+    return {
+        "compile_decode": (ql.DECODE_COMPILE_CHOICES, {"default": "auto", **_tip(
+            "Decode on a static KV cache with torch.compile (CUDA graphs). auto: on for CUDA where the model "
+            "supports it (not bitsandbytes, not Qwen3.5), else eager with one log line; off: always eager.")}),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Nodes
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +174,7 @@ class QwenVLFastRun(_AnswerNode):
                 "image": ("IMAGE", {**_tip("One image, or a batch: several images in one prompt.")}),
                 **_loader_extras(),
                 **_server_inputs(),
+                **_decode_inputs(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -200,7 +210,7 @@ class QwenVLFastLoadModel:
                 "keep_model_loaded": ("BOOLEAN", {"default": True, **_tip(
                     "Keep the model in memory after each Generate; off releases it after every run.")}),
             },
-            "optional": _server_inputs(),
+            "optional": {**_server_inputs(), **_decode_inputs()},
         }
 
     def load(self, keep_model_loaded: bool, **inputs: Any) -> tuple[QwenVLHandle]:
