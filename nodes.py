@@ -18,6 +18,7 @@ from . import qwenvl_loader as ql
 from .batch_caption import caption_folder
 from .embedding_cache import CACHE_DIR_ENV
 from .server_backend import BACKENDS, DEFAULT_MAX_IN_FLIGHT, UPLOAD_FORMATS
+from .video import DEFAULT_MAX_FRAMES, DEFAULT_VIDEO_FPS, VideoClip, as_clip
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -45,7 +46,7 @@ def run_generation(options: ql.LoadOptions, inputs: dict[str, Any], keep_model_l
     image = inputs.get("image")
     request = ql.GenerationRequest.from_inputs(
         inputs, images=ql.split_image_batch(image), image_quality=qp.validate_quality(inputs["image_quality"]),
-        should_stop=comfy_glue.interrupted, on_progress=on_progress, on_text=on_text,
+        videos=_videos(inputs), should_stop=comfy_glue.interrupted, on_progress=on_progress, on_text=on_text,
     )
     if image is not None and not request.images:
         raise ql.QwenVLError("The image input is an empty batch: connect at least one image, or disconnect it.")
@@ -58,6 +59,36 @@ def run_generation(options: ql.LoadOptions, inputs: dict[str, Any], keep_model_l
     return {
         "ui": {"text": list(result.texts), "timing": [timing]},
         "result": (list(result.texts), list(result.thinking), timing),
+    }
+
+
+def _videos(inputs: dict[str, Any]) -> list[VideoClip]:
+    """The frames on ``video`` (IMAGE batch at ``video_fps``) and the VIDEO on ``video_clip`` (its own rate)."""
+    fps = float(inputs.get("video_fps", DEFAULT_VIDEO_FPS))
+    clips = [as_clip(inputs.get("video"), fps), as_clip(inputs.get("video_clip"), fps)]
+    for clip in clips:
+        if clip is not None and int(clip.frames.shape[0]) == 0:
+            raise ql.QwenVLError("The video input has no frames: connect a clip with at least one frame.")
+    return [c for c in clips if c is not None]
+
+
+def _video_links() -> dict[str, tuple]:
+    return {
+        "video": ("IMAGE", _tip(
+            "Video frames as an IMAGE batch (what video loaders give): one clip through the model's video path, "
+            "sampled evenly to max_frames. Not the same as several images.")),
+        "video_clip": ("VIDEO", _tip("A VIDEO (ComfyUI's Load Video); its own frame rate is used.")),
+    }
+
+
+def _video_widgets() -> dict[str, tuple]:
+    # Optional and last: workflows saved before them load unchanged, with the defaults.
+    return {
+        "video_fps": ("FLOAT", {"default": DEFAULT_VIDEO_FPS, "min": 0.1, "max": 240.0, "step": 0.01, **_tip(
+            "Frame rate of the frames on 'video' (timestamps and time positions follow from it).")}),
+        "max_frames": ("INT", {"default": DEFAULT_MAX_FRAMES, "min": 1, "max": 768, **_tip(
+            "Most frames sampled from a clip (evenly; rounded down to pairs). The image_quality preset is a budget "
+            "for the whole clip, so more frames means smaller frames.")}),
     }
 
 
@@ -172,9 +203,11 @@ class QwenVLFastRun(_AnswerNode):
             },
             "optional": {
                 "image": ("IMAGE", {**_tip("One image, or a batch: several images in one prompt.")}),
+                **_video_links(),
                 **_loader_extras(),
                 **_server_inputs(),
                 **_decode_inputs(),
+                **_video_widgets(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -227,7 +260,8 @@ class QwenVLFastGenerate(_AnswerNode):
     def INPUT_TYPES(cls):
         return {
             "required": {"qwenvl_model": (MODEL_TYPE, _tip("From Qwen-VL Fast Load Model.")), **_generation_inputs()},
-            "optional": {"image": ("IMAGE", _tip("One image, or a batch: several images in one prompt."))},
+            "optional": {"image": ("IMAGE", _tip("One image, or a batch: several images in one prompt.")),
+                         **_video_links(), **_video_widgets()},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -265,8 +299,8 @@ class QwenVLFastCacheInfo:
 
 
 class QwenVLFastCaptionFolder:
-    DESCRIPTION = ("Caption every image file of a folder, optionally writing a .txt beside each; files that already "
-                   "have a .txt are skipped unless overwrite is on.")
+    DESCRIPTION = ("Caption every image file (and, if asked, every video file) of a folder, optionally writing a .txt "
+                   "beside each; files that already have a .txt are skipped unless overwrite is on.")
     CATEGORY = CATEGORY
     FUNCTION = "caption"
     OUTPUT_NODE = True
@@ -290,17 +324,25 @@ class QwenVLFastCaptionFolder:
                                           **_tip("Replace existing .txt files (otherwise skipped).")}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, **_tip("Seed (greedy ignores).")}),
             },
+            "optional": {
+                # Optional and last: workflows saved before them load unchanged, with the defaults.
+                "include_videos": ("BOOLEAN", {"default": False, **_tip(
+                    "Also caption video files (mp4, mov, mkv, webm, avi, m4v, gif), each as one clip through the "
+                    "model's video path, decoded with PyAV.")}),
+                "max_frames": _video_widgets()["max_frames"],
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def caption(self, qwenvl_model: QwenVLHandle, folder: str, write_txt: bool, overwrite: bool,
-                unique_id: str | None = None, **inputs: Any) -> dict[str, Any]:
+                unique_id: str | None = None, include_videos: bool = False, **inputs: Any) -> dict[str, Any]:
         handle = _handle(qwenvl_model)
         on_progress, _ = comfy_glue.progress_callbacks(unique_id)
         request = ql.GenerationRequest.from_inputs(inputs, should_stop=comfy_glue.interrupted)
         try:
             results = caption_folder(handle.options, Path(folder), request, write_txt=write_txt, overwrite=overwrite,
-                                     keep_model_loaded=handle.keep_model_loaded, on_file=on_progress)
+                                     keep_model_loaded=handle.keep_model_loaded, on_file=on_progress,
+                                     include_videos=include_videos)
         except ql.GenerationInterrupted:
             comfy_glue.raise_interrupt()
             raise
