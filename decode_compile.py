@@ -294,6 +294,11 @@ class DecodeCompile:
         return call
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def drop_cache(self) -> None:
+        """Memory pressure: free the kept static cache; the next call allocates one of the size it needs."""
+        self.cache = None
+        self._cache_key = None
+
     def release(self) -> None:
         """Drop the static cache and the compiled call (the model is being unloaded)."""
         self.cache = None

@@ -436,7 +436,8 @@ class QwenVLModel:
                 texts.append(answer)
                 thoughts.append(thinking)
         except torch.OutOfMemoryError as exc:
-            self.prefix_cache.clear()  # memory pressure: the kept prefixes go first
+            self.prefix_cache.clear()  # memory pressure: the kept prefixes and the static KV cache go first
+            self.decode_compile.drop_cache()
             release_memory()
             raise QwenVLError(
                 "Out of memory. Use a cheaper image_quality ('balanced' or 'fast'), fewer images per prompt, "
@@ -608,6 +609,7 @@ class QwenVLModel:
                 # The batch did not fit where one answer at a time may: answer these rows as before batching
                 # (their progress restarts from the chunk's first row).
                 self.prefix_cache.clear()
+                self.decode_compile.drop_cache()
                 release_memory()
                 log.warning("[QwenVL-Fast] out of memory answering %d images together; answering them one by "
                             "one (a smaller answer_batch_tokens avoids this retry)", len(chunk))
