@@ -747,8 +747,25 @@ def expected_decode_tokens_per_s(model: QwenVLModel) -> float | None:
     if not clock_khz or not bus_bits:
         return None
     bandwidth = clock_khz * 1000 * 2 * bus_bits / 8  # double data rate
-    weights = model.param_bytes()
+    weights = decode_bytes_per_token(model)
     return bandwidth / weights if weights else None
+
+
+def decode_bytes_per_token(model: QwenVLModel) -> int:
+    """Weight bytes one decode step reads: the language model and its head, not the vision tower, and of an input
+    embedding that is not tied to the head only the one row looked up (nothing, next to the rest)."""
+    net = model.model
+    visual = {id(p) for p in model.visual.parameters()}
+    embed = net.get_input_embeddings()
+    head = net.get_output_embeddings()
+    embed_weight = getattr(embed, "weight", None)
+    tied = head is not None and getattr(head, "weight", None) is embed_weight
+    total = 0
+    for p in net.parameters():  # each shared tensor once
+        if id(p) in visual or (p is embed_weight and not tied):
+            continue
+        total += p.numel() * p.element_size()
+    return total
 
 
 def unquantized_bf16_bytes(model: QwenVLModel) -> int:

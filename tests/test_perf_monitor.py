@@ -349,3 +349,26 @@ def test_monitor_off_when_the_run_loads_the_model(models_dir, monkeypatch):
     result = ql.run_once(options, _request([torch.rand(64, 64, 3)], monitor=False))
     assert result.record.model_loaded_this_run
     assert result.record.stages == {}
+
+
+def test_decode_bytes_per_token_counts_the_language_model_only(models_dir):
+    """The expected decode speed (a tip) divides bandwidth by what one step reads: not the vision tower, and of an
+    untied input embedding nothing (one row)."""
+    import torch
+
+    from conftest import load_tiny
+    from qwenvl_fast import engine
+
+    model = load_tiny(models_dir, "tiny-qwen2.5-vl", dtype="fp32")
+    net = model.model
+    visual = sum(p.numel() * p.element_size() for p in model.visual.parameters())
+    embed = net.get_input_embeddings().weight
+    assert net.get_output_embeddings().weight is embed  # the tiny model ties them: the head is read
+    assert engine.decode_bytes_per_token(model) == model.param_bytes() - visual
+    head = net.get_output_embeddings()
+    head.weight = torch.nn.Parameter(embed.detach().clone())  # untied: the input table is only looked up
+    try:
+        assert engine.decode_bytes_per_token(model) == (model.param_bytes() - visual
+                                                        - embed.numel() * embed.element_size())
+    finally:
+        head.weight = embed
