@@ -76,7 +76,11 @@ def load_video_file(path: Path, max_frames: int, temporal_patch_size: int = 2) -
         import av
     except ImportError as exc:
         raise QwenVLError("Reading video files needs PyAV: pip install av (ComfyUI itself ships it).") from exc
-    with av.open(str(path)) as container:
+    try:
+        container = av.open(str(path))
+    except (OSError, getattr(av, "FFmpegError", OSError)) as exc:
+        raise QwenVLError(f"Cannot open the video '{path}': {exc}") from exc
+    with container:
         if not container.streams.video:
             raise QwenVLError(f"'{path.name}' has no video stream.")
         stream = container.streams.video[0]

@@ -23,7 +23,7 @@ import pack_path  # noqa: E402
 pack_path.import_pack()
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
-from qwenvl_fast.batch_caption import load_image_file  # noqa: E402
+from qwenvl_fast.batch_caption import load_image_file, load_video_file  # noqa: E402
 
 DEFAULT_MODEL = "synthetic:qwen2.5-vl-3b@2"
 log = logging.getLogger("QwenVL-Fast")
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model folder, Qwen repo id or synthetic:<preset>[@text_layers] (default {DEFAULT_MODEL}; "
                         f"presets: {', '.join(ql.synthetic_choices())})")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--video", help="a video file: one clip through the model's video path (decoded with PyAV)")
+    p.add_argument("--max-frames", type=int, default=16, help="most frames sampled from --video (evenly)")
     p.add_argument("--prompt", default="Describe this image in detail.")
     p.add_argument("--system-prompt", default="")
     p.add_argument("--quality", default=qp.DEFAULT_QUALITY, choices=qp.QUALITY_CHOICES)
@@ -76,11 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    images = [load_image_file(Path(f)) for f in args.image] if args.image else [demo_image()]
+    try:
+        videos = [load_video_file(Path(args.video), args.max_frames)] if args.video else []
+    except ql.QwenVLError as exc:
+        log.error("[QwenVL-Fast] %s", exc)
+        return 2
+    images = [load_image_file(Path(f)) for f in args.image] if args.image or videos else [demo_image()]
     options = ql.LoadOptions(model=args.model, quantization=args.quantization, attention_mode=args.attention,
                              dtype=args.dtype, device=args.device, compile_vision=args.compile_vision)
     request = ql.GenerationRequest(
-        prompt=args.prompt, images=images, system_prompt=args.system_prompt, image_quality=args.quality,
+        prompt=args.prompt, images=images, videos=videos, max_frames=args.max_frames,
+        system_prompt=args.system_prompt, image_quality=args.quality,
         enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,

@@ -76,3 +76,32 @@ def test_caption_folder_with_videos(tmp_path, models_dir):
     assert direct.text == by_name["b_clip.mkv"].caption
     assert direct.record.videos[0]["frames"] == 8
     assert direct.text  # a non-empty answer: the equality above compares something
+
+
+def test_cli_video_file_through_the_disk_cache_across_processes(tmp_path, models_dir, isolated_cache):
+    """`cli.py --video`: a real file, decoded in one process, is a disk-cache hit in the next (same sampled frames)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "clip.mkv"
+    write_video(path, clip_frames(14, 56, 84, seed=3), fps=7)
+    cli = Path(__file__).resolve().parents[1] / "cli.py"
+    cmd = [sys.executable, str(cli), "--model", str(models_dir / "tiny-qwen3-vl"), "--video", str(path),
+           "--max-frames", "6", "--max-new-tokens", "4", "--quality", "fast", "--json"]
+    env = {**os.environ, "QWENVL_FAST_CACHE_DIR": str(isolated_cache)}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    clips = [r["timing"]["videos"][0] for r in runs]
+    assert runs[0]["timing"]["images"] == []  # no demo picture beside a video
+    assert [c["cache"] for c in clips] == ["miss", "disk"]
+    assert (clips[0]["frames"], clips[0]["source_frames"], clips[0]["fps"]) == (6, 14, 7.0)
+    assert runs[0]["texts"] == runs[1]["texts"]
+    bad = subprocess.run(cmd[:5] + [str(tmp_path / "missing.mp4")] + cmd[6:], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "missing.mp4" in bad.stderr
