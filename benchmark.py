@@ -23,7 +23,10 @@ round to round; a ratio is computed inside each round, then the median over roun
 5. disk-tier hit in a fresh process (a child process loads the model and reads the disk cache the
    parent wrote; model load is not counted);
 6. torch.compile of the vision tower on vs off (a child process, bounded by --compile-budget), when
-   ``vision_compile.py`` is present.
+   ``vision_compile.py`` is present;
+7. answers after the first token (prefix reuse, batched answers, decode vs floor, Caption Folder);
+8. video: a clip of random frames (a ComfyUI IMAGE batch) encoded through the video path against frames and
+   preset (a cache miss), then the same clip again (a memory-tier hit: no vision tower).
 
 Ratios divide process CPU time on a CPU device (other tenants of a shared machine stretch wall time, not
 the CPU time of the same work) and synchronised wall time on CUDA; both times are reported. The reference
@@ -75,13 +78,14 @@ from qwenvl_fast.embedding_cache import canonical_digest  # noqa: E402
 from qwenvl_fast.engine import ANSWER_BATCH_TOKENS  # noqa: E402
 from qwenvl_fast.images import pixel_values_for  # noqa: E402
 from qwenvl_fast.perf_monitor import RunMonitor, sync_device  # noqa: E402
+from qwenvl_fast.video import VideoClip, chunk_bounds  # noqa: E402
 
 log = logging.getLogger("QwenVL-Fast")
 
 PRESETS = ["ultra", "high", "balanced", "fast"]
 PROMPT = "Describe this image in detail."
 CHILD_MARK = "BENCH_CHILD_RESULT "
-SECTIONS = ["single", "hash", "multi", "attention", "e2e", "disk", "compile", "answers"]
+SECTIONS = ["single", "hash", "multi", "attention", "e2e", "disk", "compile", "answers", "video"]
 QUICK_MODELS = ["synthetic:tiny-qwen2.5-vl", "synthetic:tiny-qwen3-vl"]
 CPU_MODEL = "synthetic:qwen2.5-vl-3b@1"
 GPU_MODEL = "synthetic:qwen2.5-vl-3b"
@@ -128,6 +132,31 @@ def write_image_folder(folder: Path, count: int, size: int, seed: int, first_k: 
         Image.fromarray(arr).save(path)
         files.append(path)
     return files
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``1280x720`` -> (width, height)."""
+    w, h = (int(x) for x in str(text).lower().split("x"))
+    return w, h
+
+
+def int_list(text: str | list[int]) -> list[int]:
+    """``2,16`` -> [2, 16]."""
+    return [int(x) for x in str(text).split(",") if x.strip()] if not isinstance(text, list) else text
+
+
+def make_clip_frames(count: int, width: int, height: int, seed: int) -> torch.Tensor:
+    """``count`` random frames ``[T, H, W, 3]``, float32 in [0, 1]: a ComfyUI IMAGE batch as video loaders give."""
+    return torch.rand((count, height, width, 3), generator=torch.Generator().manual_seed(seed))
+
+
+def stamp_clip(frames: torch.Tensor, k: int) -> torch.Tensor:
+    """A copy of ``frames`` with ``k`` written into four pixels of every frame: a new clip (every frame a new
+    cache key and digest-memo entry) with the same content statistics."""
+    out = frames.clone()
+    for j in range(4):
+        out[:, 0, j, 0] = ((k >> (8 * j)) & 255) / 255.0
+    return out
 
 
 @contextmanager
@@ -265,7 +294,29 @@ def row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         "compile.on": ("compile", f"vision tower torch.compile (`{args.compile_quality}`, steady state)"),
     })
     rows.update(answer_row_labels(args))
+    rows.update(video_row_labels(args))
     return rows
+
+
+def video_rows(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(preset, frames) of the video rows: `fast` at each --video-frames, then each --video-presets at
+    --video-preset-frames."""
+    rows = [("fast", int(f)) for f in int_list(args.video_frames)]
+    rows += [(str(p), int(args.video_preset_frames)) for p in str(args.video_presets).split(",") if p.strip()]
+    return list(dict.fromkeys(rows))
+
+
+def video_source_frames(args: argparse.Namespace) -> int:
+    """Frames in the benchmark's clip: twice the most sampled, so that every row samples evenly from it."""
+    return 2 * max(f for _, f in video_rows(args))
+
+
+def video_row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """The rows of the 'video' section: one clip per (preset, frames), a cache miss then a memory hit."""
+    w, h = parse_size(args.video_size)
+    src = video_source_frames(args)
+    return {f"video.{q}_{f}f": ("video", f"`{q}`, {f} frames sampled from a clip of {src} {w}x{h} frames: cache "
+                                f"miss, then the same clip again (memory hit)") for q, f in video_rows(args)}
 
 
 def answer_row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
@@ -943,6 +994,88 @@ class ModelBench:
                     m.close()
             ql.release_memory()
 
+    # -- section: video (encode time against frames and preset; a repeated clip) -----------------
+    def video_request(self, clip: VideoClip, quality: str, frames: int) -> ql.GenerationRequest:
+        """One clip, one new token; memory-tier cache only (``disk_cache=False``): a repeat is a memory hit."""
+        return ql.GenerationRequest(prompt="What happens in this video?", videos=[clip], max_frames=int(frames),
+                                    image_quality=quality, enable_image_cache=True, disk_cache=False,
+                                    max_new_tokens=1, min_new_tokens=1, do_sample=False, seed=0, monitor=True)
+
+    @staticmethod
+    def video_parts(rec) -> dict[str, float]:
+        """Encode time of a clip = preprocess + transfer + vision tower, as the run record's stages give them."""
+        st = rec.stages
+        hash_s, pre, tr, enc = (st.get(k, 0.0) for k in ("hash", "preprocess", "transfer", "encode"))
+        return dict(hash_s=hash_s, preprocess_s=pre, transfer_s=tr, tower_s=enc, encode_s=pre + tr + enc,
+                    embed_s=hash_s + pre + tr + enc)
+
+    def section_video(self) -> None:
+        a = self.args
+        specs = video_rows(a)
+        rid_of = {spec: f"video.{spec[0]}_{spec[1]}f" for spec in specs}
+        ids = self.ids(*rid_of.values())
+        if not self.budget.allows():
+            return self.skip_section(ids, "--time-budget reached")
+        if not getattr(self.qm, "use_mm_encoder_outputs", False):
+            return self.skip_section(ids, "video needs transformers 5.18 or newer (mm_encoder_outputs)")
+        if getattr(self.qm.config, "video_token_id", None) is None:
+            return self.skip_section(ids, f"{self.qm.family.name} has no video token")
+        w, h = parse_size(a.video_size)
+        src = video_source_frames(a)
+        base = make_clip_frames(src, w, h, a.seed)
+        tps = int(self.qm.family.temporal_patch_size)
+        hit_reps = max(1, int(a.hit_repeats))
+        # Untimed: the video path's first call (a 2-frame thumbnail clip), so that no row pays for initialisation.
+        self.qm.run(self.video_request(VideoClip(make_clip_frames(2, 64, 64, a.seed + 1), 24.0), "fast", 2))
+        for r, warm in self.rounds("video", int(a.repeats)):
+            order = specs[r % len(specs):] + specs[:r % len(specs)]
+            for quality, frames in order:
+                k = self.next_k
+                self.next_k += 1
+                clip = VideoClip(stamp_clip(base, k), 24.0)
+                calls = self.qm.vision_calls
+                gc.collect()
+                with self.clock.time() as t:
+                    rec = self.qm.run(self.video_request(clip, quality, frames)).record
+                v = rec.videos[0]
+                miss_calls = self.qm.vision_calls - calls
+                want = len(chunk_bounds(-(-int(v["frames"]) // tps)))
+                if v["cache"] != "miss" or miss_calls != want or rec.new_tokens != 1:
+                    raise RuntimeError(f"video {quality} x {frames}: cache {v['cache']}, {miss_calls} tower calls "
+                                       f"(expected {want}), {rec.new_tokens} new tokens")
+                parts = self.video_parts(rec)
+                hits: dict[str, list[float]] = {"hit_s": [], "hit_run_s": [], "hit_cpu_s": []}
+                calls = self.qm.vision_calls
+                for _ in range(hit_reps):
+                    gc.collect()  # keep a collector pause out of a millisecond-scale timing
+                    with self.clock.time() as th:
+                        rec_h = self.qm.run(self.video_request(clip, quality, frames)).record
+                    if rec_h.videos[0]["cache"] != "memory" or rec_h.videos[0]["tokens"] != v["tokens"]:
+                        raise RuntimeError(f"video {quality} x {frames}: repeat was {rec_h.videos[0]['cache']}")
+                    hits["hit_s"].append(self.video_parts(rec_h)["embed_s"])
+                    hits["hit_run_s"].append(th["wall"])
+                    hits["hit_cpu_s"].append(th["cpu"])
+                hit_calls = self.qm.vision_calls - calls
+                if hit_calls:
+                    raise RuntimeError(f"video {quality} x {frames}: {hit_calls} tower calls on memory hits")
+                log.info("[bench] round %d video %s x %d: %d tokens (%d per frame pair), encode %s, hit %s", r,
+                         quality, frames, v["tokens"], v["tokens_per_frame"], fmt_time(parts["encode_s"]),
+                         fmt_time(median(hits["hit_s"])))
+                if warm:
+                    continue
+                row = self.rows[rid_of[(quality, frames)]]
+                self.add(row, **parts, run_s=t["wall"], cpu_s=t["cpu"], frames=v["frames"],
+                         source_frames=v["source_frames"], tokens=v["tokens"],
+                         tokens_per_frame_pair=v["tokens_per_frame"], budget_tokens=v["budget_tokens"],
+                         per_frame_s=parts["encode_s"] / v["frames"], vision_calls=miss_calls,
+                         hit_vision_calls=hit_calls, hit_count=hit_reps,
+                         **{key: median(vals) for key, vals in hits.items()},
+                         encode_over_hit=parts["encode_s"] / max(median(hits["hit_s"]), 1e-9))
+                row.info.update(size_in=v["size_in"], size_resized=v["size_resized"], preset=v["preset"],
+                                hit_s_all=row.info.get("hit_s_all", []) + [hits["hit_s"]])
+        self.finish_rows([i for i, _, _ in ids], "no round finished within --time-budget")
+
+
 # ---------------------------------------------------------------------------------------------
 # Child processes: disk-tier hit in a fresh process, torch.compile on/off
 # ---------------------------------------------------------------------------------------------
@@ -1261,6 +1394,8 @@ def model_markdown(entry: dict[str, Any], args: argparse.Namespace) -> str:
                "Times are wall clock with the device synchronised; speedups are paired ratios of them."), ""]
     if args.only == ["answers"]:
         return "\n".join(out + answers_markdown(entry, args) + [""])
+    if args.only == ["video"]:
+        return "\n".join(out + video_markdown(entry, args) + [""])
 
     out += [f"### Single {size}x{size} image: embedding time by preset (pack path, cache miss)", "",
             f"| Configuration | Visual tokens | Embedding time |{cpu_head} Speedup | Seed guide claimed |",
@@ -1410,6 +1545,7 @@ def model_markdown(entry: dict[str, Any], args: argparse.Namespace) -> str:
         out.append(f"| compiled | - |{' - |' if on_cpu else ''} - | {cell(on, '', 'status')} |")
     out.append("")
     out += answers_markdown(entry, args)
+    out += video_markdown(entry, args)
     return "\n".join(out)
 
 
@@ -1531,6 +1667,41 @@ def answers_markdown(entry: dict[str, Any], args: argparse.Namespace) -> list[st
     return out
 
 
+def video_markdown(entry: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The 'video' section: encode time of a clip against frames and preset, and the repeated clip."""
+    g = row_map(entry).get
+    on_cpu = ratio_basis(entry.get("device") or "cpu") == "cpu_s"
+    w, h = parse_size(args.video_size)
+    src = video_source_frames(args)
+    rows = [g(rid) for rid in video_row_labels(args)]
+    rounds = max([int(r.info.get("rounds", 0)) for r in rows if r is not None] or [0])
+    cpu_head, cpu_rule = (" CPU time (whole miss call) |", "---|") if on_cpu else ("", "")
+    out = ["", f"### Video: encode time against frames and preset (a clip of {src} random {w}x{h} frames, a "
+           "float32 IMAGE batch; exactly 1 new token)", "",
+           "Each row samples its frames evenly from a new clip (every frame a new cache key): the cache miss's "
+           "encode time is preprocess + transfer + vision tower as the run record's stages give them (the tower "
+           "runs four frame pairs per call); then the same clip again, a memory-tier hit (digest memo + lookup, no "
+           f"tower call), {args.hit_repeats} time(s) per round. Median over rounds with the min-max "
+           f"({rounds} round(s)); rows rotate their order from round to round.", "",
+           f"| Preset | Frames | Frame size | Visual tokens | Tokens per frame pair | Encode (miss) | Per frame |"
+           f"{cpu_head} Tower calls | Repeat (memory hit) |",
+           f"|---|---|---|---|---|---|---|{cpu_rule}---|---|"]
+    for (q, f), r in zip(video_rows(args), rows):
+        size = "-"
+        if r is not None and r.status == "ok" and r.info.get("size_resized"):
+            rh, rw = r.info["size_resized"]
+            size = f"{rw}x{rh}"
+        cpu = f" {cell(r, 'cpu_s')} |" if on_cpu else ""
+        out.append(f"| `{q}` | {f} | {size} | {cell(r, 'tokens', 'int')} | {cell(r, 'tokens_per_frame_pair', 'int')} "
+                   f"| {spread(r, 'encode_s', 'time')} | {cell(r, 'per_frame_s')} |{cpu} "
+                   f"{cell(r, 'vision_calls', 'int')} | {spread(r, 'hit_s', 'time')} |")
+    out += ["", "Per frame = encode / frames sampled. The repeat's time is the embedding part of the call (hash "
+            "stage: digest memo and cache lookup); the whole repeated call, with the prompt and a 1-token prefill, "
+            "is `hit_run_s` in the JSON.", ""]
+    out += status_note(rows)
+    return out
+
+
 def to_markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     meta = result["meta"]
     mach = meta["machine"]
@@ -1624,6 +1795,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answers section: the folder rows with an empty embedding cache before each pass (cold: "
                         "every image encoded, default on CUDA) or with the embeddings of the first pass (warm: "
                         "re-captioning, default on CPU, where the full-size vision tower takes seconds per image)")
+    p.add_argument("--video-frames", default=None, help="video section: frames sampled in the `fast` rows, comma "
+                   "separated (default 16,32,64 CUDA; 2,16 CPU, where the full tower costs about a minute per 1000 "
+                   "visual tokens; 2,4 quick)")
+    p.add_argument("--video-presets", default="balanced,high",
+                   help="video section: presets compared at --video-preset-frames (comma separated)")
+    p.add_argument("--video-preset-frames", type=int, default=None, help="video section: frames of the "
+                   "--video-presets rows (default 32 CUDA, 2 CPU, 2 quick)")
+    p.add_argument("--video-size", default=None, help="video section: frame size WxH (default 1280x720; 320x180 "
+                   "quick)")
     p.add_argument("--json", help="write all results (with raw samples) to this JSON file")
     p.add_argument("--markdown", help="write the tables to this markdown file")
     p.add_argument("--render-json", metavar="FILE", help="measure nothing: re-render the tables of a saved --json "
@@ -1659,6 +1839,12 @@ def apply_defaults(args: argparse.Namespace, device: torch.device) -> None:
         args.folder_images = 5 if args.quick else 16
     if args.folder_cache is None:
         args.folder_cache = "cold" if cuda else "warm"
+    if args.video_frames is None:
+        args.video_frames = "2,4" if args.quick else ("16,32,64" if cuda else "2,16")
+    if args.video_preset_frames is None:
+        args.video_preset_frames = 2 if args.quick else (32 if cuda else 2)
+    if args.video_size is None:
+        args.video_size = "320x180" if args.quick else "1280x720"
 
 
 def bench_model(name: str, args: argparse.Namespace, budget: TimeBudget, entry: dict[str, Any],
@@ -1679,7 +1865,8 @@ def bench_model(name: str, args: argparse.Namespace, budget: TimeBudget, entry: 
         bench.warm_start()
         for section, fn in (("single", bench.section_single), ("hash", bench.section_hash),
                             ("multi", bench.section_multi), ("attention", bench.section_attention),
-                            ("e2e", bench.section_e2e), ("answers", bench.section_answers)):
+                            ("e2e", bench.section_e2e), ("answers", bench.section_answers),
+                            ("video", bench.section_video)):
             if section in args.skip:
                 entry["notes"].append(f"section '{section}' skipped (--skip)")
                 continue
@@ -1746,6 +1933,8 @@ def main(argv: list[str] | None = None) -> int:
                      answers=dict(images=args.answers_images, new_tokens=args.answers_new_tokens,
                                   image_size=args.answers_image_size, quality=args.answers_quality,
                                   folder_images=args.folder_images, folder_cache=args.folder_cache),
+                     video=dict(rows=[list(r) for r in video_rows(args)], size=args.video_size,
+                                source_frames=video_source_frames(args), dtype="float32", new_tokens=1),
                      started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), notes=[]),
         "models": [],
     }

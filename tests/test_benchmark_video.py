@@ -1,0 +1,98 @@
+"""The benchmark's 'video' section in --quick mode on a tiny model: every row is measured through the video
+path and rendered.
+
+No speed is asserted (a tiny model on a shared CPU proves nothing about speed): times must be finite and
+positive, and the counts each row stands for must hold: frames sampled, visual tokens (frame pairs x tokens per
+pair, within the preset's clip budget unless one pair per frame is the floor), one cache miss then memory hits,
+and vision-tower calls (one per four frame pairs on the miss, none on a hit).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "synthetic:tiny-qwen2.5-vl"
+ROWS = {("fast", 2), ("fast", 4), ("balanced", 2), ("high", 2)}  # the --quick grid, written out here
+TIMES = ["encode_s", "tower_s", "preprocess_s", "hash_s", "per_frame_s", "run_s", "cpu_s", "hit_s", "hit_run_s"]
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-video")
+    js, md = out / "video.json", out / "video.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark.py"), "--quick", "--only", "video", "--model", MODEL,
+         "--json", str(js), "--markdown", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(js.read_text()), md.read_text(), js
+
+
+def test_video_rows_count_frames_tokens_cache_and_tower_calls(video_run):
+    data, _, _ = video_run
+    meta, (entry,) = data["meta"], data["models"]
+    assert not entry.get("error"), entry.get("error")
+    rows = {r["id"]: r for r in entry["rows"] if r["section"] == "video"}
+    assert set(rows) == {f"video.{q}_{f}f" for q, f in ROWS}
+    src = meta["video"]["source_frames"]
+    budgets = {"fast": 1024, "balanced": 2048, "high": 4096}  # video.VIDEO_CLIP_TOKENS
+    for (q, f) in ROWS:
+        row = rows[f"video.{q}_{f}f"]
+        assert row["status"] == "ok", f"{row['id']}: {row['status']} ({row['reason']})"
+        m = row["metrics"]
+        for key in TIMES:
+            assert _positive(m.get(key)), f"{row['id']}.{key} = {m.get(key)}"
+        assert m["frames"] == f and m["source_frames"] == src == 2 * 4
+        pairs = math.ceil(f / 2)
+        assert m["tokens"] == pairs * m["tokens_per_frame_pair"] > 0
+        assert m["budget_tokens"] == budgets[q] and m["tokens"] <= m["budget_tokens"]
+        assert m["vision_calls"] == math.ceil(pairs / 4)  # the miss: four frame pairs per tower call
+        assert m["hit_vision_calls"] == 0 and m["hit_count"] == meta["hit_repeats"]  # the repeats: memory hits
+        assert m["encode_s"] == pytest.approx(m["preprocess_s"] + m["transfer_s"] + m["tower_s"])
+        assert m["per_frame_s"] == pytest.approx(m["encode_s"] / f)
+        assert row["info"]["rounds"] == 1 and row["info"]["preset"] == q
+    fast2, fast4 = rows["video.fast_2f"]["metrics"], rows["video.fast_4f"]["metrics"]
+    # within the per-frame cap, twice the frames is twice the tokens at the same size per frame pair
+    assert fast4["tokens"] == 2 * fast2["tokens"] and fast4["tokens_per_frame_pair"] == fast2["tokens_per_frame_pair"]
+    assert rows["video.balanced_2f"]["metrics"]["tokens"] >= fast2["tokens"]
+    others = [r for r in entry["rows"] if r["section"] != "video"]
+    assert others and all(r["status"] == "skipped" for r in others)
+
+
+def test_video_table_renders_and_rerenders(video_run, tmp_path):
+    data, md, js = video_run
+    for text in ("### Video: encode time against frames and preset", "| Preset | Frames | Frame size |",
+                 "python benchmark.py --quick --only video", "(1 round)", "Tower calls"):
+        assert text in md, text
+    assert "### Single" not in md and "### Answers" not in md
+    out = tmp_path / "again.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--render-json", str(js),
+                           "--markdown", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = {r["id"]: r for r in data["models"][0]["rows"]}["video.fast_4f"]
+    assert "| `fast` | 4 | " in out.read_text() and f"| {row['metrics']['tokens']:.0f} |" in out.read_text()
+
+
+def test_video_defaults_per_device():
+    import benchmark
+
+    for device, quick, want in (("cpu", False, [("fast", 2), ("fast", 16), ("balanced", 2), ("high", 2)]),
+                                ("cuda", False, [("fast", 16), ("fast", 32), ("fast", 64), ("balanced", 32),
+                                                 ("high", 32)]),
+                                ("cpu", True, [("fast", 2), ("fast", 4), ("balanced", 2), ("high", 2)])):
+        args = benchmark.build_parser().parse_args(["--only", "video"] + (["--quick"] if quick else []))
+        benchmark.apply_defaults(args, torch.device(device))
+        assert benchmark.video_rows(args) == want
+        assert set(args.skip) == set(benchmark.SECTIONS) - {"video"}
+        assert set(benchmark.video_row_labels(args)) == {f"video.{q}_{f}f" for q, f in want}
