@@ -12,8 +12,10 @@ python3 -c "import torch, transformers; print('native:', torch.__version__, tran
 PYTHONPATH=/tmp/site-old timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py \
   "tests/test_embedding_cache.py::test_same_tokens_with_cache_off_miss_and_hit" 2>&1 | tee "$OUT/tests_native.log" | tail -15
 # 2. transformers 5.24 (mm_encoder_outputs path), plus the preprocessing CUDA tests.
-PYTHONPATH=/tmp/site timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_preprocess.py \
-  2>&1 | tee "$OUT/tests_524.log" | tail -15
+PYTHONPATH=/tmp/site timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_preprocess.py \
+  tests/test_compiled_decode.py 2>&1 | tee "$OUT/tests_524.log" | tail -15
+# 2b. Compiled decode against the weight-bandwidth floor (Qwen2.5-VL-3B language model, bf16).
+PYTHONPATH=/tmp/site timeout 240 python3 docs/measurements/gpu_decode_check.py 2>&1 | tee "$OUT/decode_check.log" | tail -20
 # 3. The benchmark with the real towers in bf16.
 for m in synthetic:qwen2.5-vl-3b synthetic:qwen3-vl-4b; do
   tag=$(echo "$m" | tr ':.' '__')

@@ -108,3 +108,54 @@ def test_compile_on_cuda_matches_eager_and_bounds_recompiles(models_dir):
     compiled = model.run(req(imgs, enable_image_cache=False))
     assert compiled.token_ids == eager.token_ids
     assert counter.recompiles <= 8, f"{counter.recompiles} recompiles over 5 sizes: {counter.reasons}"
+
+
+def test_cuda_compiled_decode_is_on_matches_eager_and_reuses_its_graph(models_dir):
+    """compile_decode=auto on CUDA: static cache + torch.compile; tokens equal eager decode (fp32); a second prompt
+    length in the same bucket does not recompile."""
+    if not importlib.util.find_spec("triton"):
+        pytest.skip("no Triton: compiled decode stays off by design")
+    torch._dynamo.reset()
+    eager = load(models_dir, "tiny-qwen2.5-vl", dtype="fp32", compile_decode="off")
+    imgs = [torch.rand(90, 120, 3)]
+    prompts = ["What is this?", "Describe the colours of this picture in a few words, please."]
+    want = [eager.run(req(imgs, prompt=p, enable_image_cache=False)).token_ids for p in prompts]
+    ql.MANAGER.release()
+    model = load(models_dir, "tiny-qwen2.5-vl", dtype="fp32", compile_decode="auto")
+    assert model.decode_compile.enabled and model.decode_compile.compiled, model.decode_compile.reason
+    from torch._dynamo.utils import counters
+
+    got = []
+    for i, p in enumerate(prompts):
+        result = model.run(req(imgs, prompt=p, enable_image_cache=False))
+        assert result.record.decode_compile == "on", result.record.decode_compile
+        got.append(result.token_ids)
+        if i == 0:
+            compiles = sum(counters["stats"].values()) if counters.get("stats") else 0
+    assert got == want
+    assert (sum(counters["stats"].values()) if counters.get("stats") else 0) == compiles  # no recompile
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_cuda_video_matches_the_processor_path_and_hits_the_cache(models_dir, family):
+    from test_video import processor_inputs, target_hw
+
+    from qwenvl_fast import tf_compat
+    from qwenvl_fast.video import VideoClip, sample_indices
+
+    if tf_compat.transformers_version() < (5, 18):
+        pytest.skip("video needs transformers >= 5.18")
+    model = load(models_dir, family, dtype="fp32")
+    h, w = target_hw(model)
+    frames = (torch.rand(10, h, w, 3) * 255).to(torch.uint8)
+    request = dict(videos=[VideoClip(frames, 5.0)], max_frames=6, prompt="What happens?", min_new_tokens=8)
+    first = model.run(req([], **request))
+    calls = model.vision_calls
+    again = model.run(req([], **request))
+    assert again.record.videos[0]["cache"] == "memory" and model.vision_calls == calls
+    assert again.token_ids == first.token_ids
+    inputs = processor_inputs(model, frames, 5.0, sample_indices(10, 6, 2), "What happens?")
+    with torch.inference_mode():
+        out = model.model.generate(**{k: v.to("cuda") for k, v in inputs.items()}, max_new_tokens=8,
+                                   min_new_tokens=8, do_sample=False)
+    assert first.token_ids[0] == out[0, inputs["input_ids"].shape[1]:].tolist()
