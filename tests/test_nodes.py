@@ -289,3 +289,25 @@ def test_symlinked_model_folder_is_usable(nodes, models_dir, tmp_path, monkeypat
     assert "linked-model" in nodes.QwenVLFastRun.INPUT_TYPES()["required"]["model"][0]
     texts, _, timing, _ = run_node(nodes, "linked-model", image_batch())
     assert timing["new_tokens"] >= 1
+
+
+def test_video_frames_on_the_run_node(nodes):
+    """Frames on `video` go through the video path from transformers 5.18 on; before, a clear error names the fix.
+    An empty clip is an error before any model is loaded; the node keeps answering afterwards."""
+    from qwenvl_fast import qwenvl_loader as ql
+    from qwenvl_fast import tf_compat
+
+    with pytest.raises(ql.QwenVLError, match="no frames"):
+        run_node(nodes, "tiny-qwen2.5-vl", video=torch.zeros(0, 56, 56, 3))
+    frames = image_batch(5, 56, 84, seed=3)
+    if tf_compat.transformers_version() < (5, 18):
+        with pytest.raises(ql.QwenVLError, match="5.18"):
+            run_node(nodes, "tiny-qwen2.5-vl", video=frames)
+    else:
+        texts, _, timing, _ = run_node(nodes, "tiny-qwen2.5-vl", video=frames, video_fps=10.0, max_frames=4)
+        assert len(texts) == 1 and timing["images"] == []
+        clip = timing["videos"][0]
+        assert (clip["frames"], clip["source_frames"], clip["fps"]) == (4, 5, 10.0)
+        one = run_node(nodes, "tiny-qwen2.5-vl", video=frames[:1], max_frames=4)[2]["videos"][0]
+        assert one["frames"] == 1 and one["tokens"] == one["tokens_per_frame"]  # one frame: repeated into a pair
+    assert len(run_node(nodes, "tiny-qwen2.5-vl", image=image_batch())[0]) == 1

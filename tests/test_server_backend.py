@@ -105,6 +105,14 @@ def _run(opts, images, **req):
     return ql.run_once(opts, ql.GenerationRequest(**base))
 
 
+def test_video_is_refused_with_the_fix_and_the_server_keeps_answering(served):
+    from qwenvl_fast.video import VideoClip
+
+    with pytest.raises(ql.QwenVLError, match="backend to 'local'"):
+        _run(served, [], videos=[VideoClip(torch.rand(4, 64, 64, 3), 8.0)], batch_mode=ql.BATCH_MODES[0])
+    assert _run(served, _images(1)).record.new_tokens == 8
+
+
 def test_text_back_for_an_image(served):
     result = _run(served, _images(1))
     rec = result.record
