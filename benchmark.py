@@ -1059,14 +1059,14 @@ class ModelBench:
                 if hit_calls:
                     raise RuntimeError(f"video {quality} x {frames}: {hit_calls} tower calls on memory hits")
                 log.info("[bench] round %d video %s x %d: %d tokens (%d per frame pair), encode %s, hit %s", r,
-                         quality, frames, v["tokens"], v["tokens_per_frame"], fmt_time(parts["encode_s"]),
+                         quality, frames, v["tokens"], v["tokens_per_frame_pair"], fmt_time(parts["encode_s"]),
                          fmt_time(median(hits["hit_s"])))
                 if warm:
                     continue
                 row = self.rows[rid_of[(quality, frames)]]
                 self.add(row, **parts, run_s=t["wall"], cpu_s=t["cpu"], frames=v["frames"],
                          source_frames=v["source_frames"], tokens=v["tokens"],
-                         tokens_per_frame_pair=v["tokens_per_frame"], budget_tokens=v["budget_tokens"],
+                         tokens_per_frame_pair=v["tokens_per_frame_pair"], budget_tokens=v["budget_tokens"],
                          per_frame_s=parts["encode_s"] / v["frames"], vision_calls=miss_calls,
                          hit_vision_calls=hit_calls, hit_count=hit_reps,
                          **{key: median(vals) for key, vals in hits.items()},
@@ -1718,7 +1718,9 @@ def to_markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
              f"- started {meta['started']}, took {fmt_time(meta.get('elapsed_s'))}"]
     if args.repeats < 3 and not args.quick:
         lines.append(f"- note: {args.repeats} timed round(s) of each expensive row (a vision-tower variant costs "
-                     "seconds to minutes here), so a 'median' is that one sample; cheap rows (cache hits, hashes, "
+                     "seconds to minutes here), so a 'median' is " + ("that one sample" if args.repeats == 1 else
+                                                                     "the mean of the two samples")
+                     + "; cheap rows (cache hits, hashes, "
                      f"disk hits) take {args.hit_repeats}+ samples per round. Raw samples are in the JSON.")
     for note in meta.get("notes", []):
         lines.append(f"- note: {note}")

@@ -421,7 +421,7 @@ class QwenVLModel:
                 rec.videos.append({
                     "index": v.index, "frames": len(v.indices), "source_frames": v.total_frames, "fps": v.fps,
                     "size_in": list(v.size_in), "size_resized": list(v.size), "preset": v.budget.preset,
-                    "tokens_per_frame": v.grid[1] * v.grid[2] // merge2, "tokens": v.tokens // merge2,
+                    "tokens_per_frame_pair": v.grid[1] * v.grid[2] // merge2, "tokens": v.tokens // merge2,
                     "budget_tokens": v.clip_tokens, "cache": v.tier,
                 })
             if req.batch_mode == BATCH_MODES[1] and len(prepared) > 1:

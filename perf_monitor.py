@@ -80,7 +80,7 @@ class RunRecord:
             img = f" | {len(self.images)} image(s), {tokens} visual tokens, cache {hits}/{len(self.images)} hit"
         for v in self.videos:
             img += (f" | video {v['frames']} frames ({v['source_frames']} in source) at {v['size_resized'][1]}x"
-                    f"{v['size_resized'][0]}, {v['tokens_per_frame']} tokens per frame pair, {v['tokens']} visual "
+                    f"{v['size_resized'][0]}, {v['tokens_per_frame_pair']} tokens per frame pair, {v['tokens']} visual "
                     f"tokens of {v['budget_tokens']}, cache {v['cache']}")
         speed = f", {self.decode_tokens_per_s:.1f} tok/s" if self.decode_tokens_per_s else ""
         if self.decode_compile == "on":

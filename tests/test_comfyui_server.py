@@ -566,7 +566,7 @@ def test_frames_to_run_go_through_the_video_path(comfy_server, run_info, tiny_ch
     assert timing["images"] == [] and len(timing["videos"]) == 1, timing
     clip = timing["videos"][0]
     assert (clip["frames"], clip["source_frames"], clip["fps"], clip["cache"]) == (4, 10, 12.0, "miss"), clip
-    assert clip["tokens"] == 2 * clip["tokens_per_frame"] <= clip["budget_tokens"]
+    assert clip["tokens"] == 2 * clip["tokens_per_frame_pair"] <= clip["budget_tokens"]
     values["prompt"] = "Describe the motion."
     second = comfy_server.run(_video_graph(run_info, image, 10, **values), timeout=180)
     _assert_success(second, comfy_server)

@@ -309,5 +309,5 @@ def test_video_frames_on_the_run_node(nodes):
         clip = timing["videos"][0]
         assert (clip["frames"], clip["source_frames"], clip["fps"]) == (4, 5, 10.0)
         one = run_node(nodes, "tiny-qwen2.5-vl", video=frames[:1], max_frames=4)[2]["videos"][0]
-        assert one["frames"] == 1 and one["tokens"] == one["tokens_per_frame"]  # one frame: repeated into a pair
+        assert one["frames"] == 1 and one["tokens"] == one["tokens_per_frame_pair"]  # one frame: repeated into a pair
     assert len(run_node(nodes, "tiny-qwen2.5-vl", image=image_batch())[0]) == 1

@@ -82,7 +82,7 @@ def test_answer_equals_transformers_video_path(models_dir, family):
     assert inputs["video_grid_thw"].tolist() == [[3, h // model.family.patch_size, w // model.family.patch_size]]
     assert result.record.prompt_tokens == inputs["input_ids"].shape[1]
     assert result.token_ids[0] == reference_ids(model, inputs), f"{family}: the pack's video answer differs"
-    assert rec["tokens"] == 3 * rec["tokens_per_frame"] == 3 * 140
+    assert rec["tokens"] == 3 * rec["tokens_per_frame_pair"] == 3 * 140
 
 
 def test_resized_clip_equals_processor_pixels_and_answer(models_dir):
