@@ -196,6 +196,17 @@ def _resize(batch: torch.Tensor, size: tuple[int, int], mode: ResizeMode) -> tor
     return tvF.resize(batch, list(size), interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
 
 
+def _normalisation(image_mean: Sequence[float], image_std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused rescale + normalise constants, built exactly like the processor's (float32 mean * 255), on the host."""
+    mean = torch.tensor(list(image_mean), dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
+    std = torch.tensor(list(image_std), dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
+    if mean.numel() == 1:
+        mean = mean.expand(3).clone()
+    if std.numel() == 1:
+        std = std.expand(3).clone()
+    return mean, std
+
+
 def _patchify(images: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
     """[N, C, H, W] -> [N * grid_h * grid_w, C*T*P*P] in the processor's exact order.
 
@@ -281,13 +292,7 @@ def preprocess_images(
     if n == 0:
         return torch.empty(0, patch_dim, device=device, dtype=dtype), grid_thw
 
-    # Fused rescale + normalise constants, built exactly like the processor's (float32 mean * 255).
-    mean = torch.tensor(list(image_mean), dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
-    std = torch.tensor(list(image_std), dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
-    if mean.numel() == 1:
-        mean = mean.expand(3).clone()
-    if std.numel() == 1:
-        std = std.expand(3).clone()
+    mean, std = _normalisation(image_mean, image_std)
     *dev_images, mean, std = upload([*images, mean, std], device)
     mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
 
@@ -355,12 +360,7 @@ def preprocess_video(
         raise ValueError("preprocess_video: all frames of a clip must have the same size")
     device = torch.device(device)
     th, tw = int(size[0]), int(size[1])
-    mean = torch.tensor(list(image_mean), dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
-    std = torch.tensor(list(image_std), dtype=torch.float32) * (1.0 / _RESCALE_FACTOR)
-    if mean.numel() == 1:
-        mean = mean.expand(3).clone()
-    if std.numel() == 1:
-        std = std.expand(3).clone()
+    mean, std = _normalisation(image_mean, image_std)
     stacked = torch.stack(frames)  # one upload for the clip
     clip, mean, std = upload([stacked, mean, std], device)
     batch = clip.permute(0, 3, 1, 2).contiguous()  # [T, C, H, W]
