@@ -23,7 +23,7 @@ import torch
 from . import qwenvl_loader as ql
 from .engine import BATCH_MODES, GenerationRequest
 from .errors import QwenVLError
-from .video import VIDEO_EXTENSIONS, VideoClip, sample_indices
+from .video import VIDEO_EXTENSIONS, load_video_file
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -65,52 +65,6 @@ def load_image_file(path: Path) -> torch.Tensor:
 
 def is_video_file(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
-
-
-def load_video_file(path: Path, max_frames: int, temporal_patch_size: int = 2) -> VideoClip:
-    """The evenly sampled frames of a video file (uint8 ``[T,H,W,3]``), with their positions and the frame rate.
-
-    Only the sampled frames are converted to pixels; decoding stops after the last one.
-    """
-    try:
-        import av
-    except ImportError as exc:
-        raise QwenVLError("Reading video files needs PyAV: pip install av (ComfyUI itself ships it).") from exc
-    try:
-        container = av.open(str(path))
-    except (OSError, getattr(av, "FFmpegError", OSError)) as exc:
-        raise QwenVLError(f"Cannot open the video '{path}': {exc}") from exc
-    with container:
-        if not container.streams.video:
-            raise QwenVLError(f"'{path.name}' has no video stream.")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = float(rate) if rate else 24.0
-        total = int(stream.frames or 0)
-        if total <= 0:  # containers that do not record it: count the packets (no decoding)
-            total = sum(1 for packet in container.demux(stream) if packet.size)
-            container.seek(0)
-        frames, kept = _decode_frames(container, stream, sample_indices(max(total, 1), max_frames,
-                                                                        temporal_patch_size))
-    if not frames:
-        raise QwenVLError(f"'{path.name}' has no decodable frames.")
-    if len(frames) < len(kept) or kept[-1] >= total:
-        total = max(total, kept[-1] + 1)
-    seen = kept[:len(frames)]
-    return VideoClip(torch.from_numpy(np.stack(frames)), fps, source_indices=seen, source_total=max(total, 1))
-
-
-def _decode_frames(container, stream, wanted: list[int]) -> tuple[list[np.ndarray], list[int]]:
-    targets = set(wanted)
-    last = max(wanted)
-    frames = []
-    for i, frame in enumerate(container.decode(stream)):
-        if i in targets:
-            frames.append(frame.to_ndarray(format="rgb24"))
-        if i >= last:
-            break
-    return frames, sorted(targets)
 
 
 def write_caption(txt: Path, text: str, *, overwrite: bool) -> None:

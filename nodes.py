@@ -65,7 +65,8 @@ def run_generation(options: ql.LoadOptions, inputs: dict[str, Any], keep_model_l
 def _videos(inputs: dict[str, Any]) -> list[VideoClip]:
     """The frames on ``video`` (IMAGE batch at ``video_fps``) and the VIDEO on ``video_clip`` (its own rate)."""
     fps = float(inputs.get("video_fps", DEFAULT_VIDEO_FPS))
-    clips = [as_clip(inputs.get("video"), fps), as_clip(inputs.get("video_clip"), fps)]
+    max_frames = int(inputs.get("max_frames", DEFAULT_MAX_FRAMES))
+    clips = [as_clip(inputs.get("video"), fps), as_clip(inputs.get("video_clip"), fps, max_frames)]
     for clip in clips:
         if clip is not None and int(clip.frames.shape[0]) == 0:
             raise ql.QwenVLError("The video input has no frames: connect a clip with at least one frame.")

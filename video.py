@@ -15,10 +15,13 @@ Read in order: :func:`as_clip` (a node's input into a :class:`VideoClip`), :func
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from . import fast_preprocess
@@ -27,6 +30,8 @@ from .embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, e
 from .errors import QwenVLError
 from .images import ImageSpec, canonicalize_image
 from .perf_monitor import RunMonitor
+
+log = logging.getLogger("QwenVL-Fast")
 
 # Visual tokens (after the 2x2 merge) a whole clip may cost, per preset. One temporal patch (2 frames) of a
 # frame with h x w tokens costs h * w tokens, so "balanced" gives 8 temporal patches (16 frames) 256 tokens each,
@@ -58,12 +63,21 @@ class VideoClip:
     source_total: int | None = None
 
 
-def as_clip(video: Any, fps: float | None = None) -> VideoClip | None:
-    """A node's video input into a clip: an IMAGE batch ``[T,H,W,C]``, a ComfyUI VIDEO, or a clip."""
+def as_clip(video: Any, fps: float | None = None, max_frames: int | None = None) -> VideoClip | None:
+    """A node's video input into a clip: an IMAGE batch ``[T,H,W,C]``, a ComfyUI VIDEO, or a clip.
+
+    A VIDEO backed by a file (``get_stream_source``) is decoded here, only the ``max_frames`` sampled frames:
+    its ``get_components`` would decode every frame to float32 first (a minute of 1080p is about 45 GB).
+    """
     if video is None:
         return None
     if isinstance(video, VideoClip):
         return video
+    if max_frames and hasattr(video, "get_stream_source"):
+        try:
+            return load_video_file(video.get_stream_source(), int(max_frames))
+        except QwenVLError as exc:  # a stream PyAV cannot read here: ComfyUI's own decoding
+            log.warning("[QwenVL-Fast] %s; decoding the whole VIDEO instead", exc)
     if hasattr(video, "get_components"):  # ComfyUI's VIDEO (comfy_api VideoInput): frames + frame rate
         components = video.get_components()
         rate = getattr(components, "frame_rate", None)
@@ -240,3 +254,50 @@ def join_chunks(parts: list[ImageEmbedding], grid: tuple[int, int, int]) -> Imag
     deep = [torch.cat([p.deepstack[i] for p in parts]) if len(parts) > 1 else parts[0].deepstack[i]
             for i in range(levels)]
     return ImageEmbedding(embeds, deep, grid)
+
+
+def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_patch_size: int = 2) -> VideoClip:
+    """The evenly sampled frames of a video file or stream (uint8 ``[T,H,W,3]``), their positions and frame rate.
+
+    Only the sampled frames are converted to pixels; decoding stops after the last one. PyAV (FFmpeg) decodes.
+    """
+    name = Path(source).name if isinstance(source, (str, Path)) else str(getattr(source, "name", "the video stream"))
+    try:
+        import av
+    except ImportError as exc:
+        raise QwenVLError("Reading video files needs PyAV: pip install av (ComfyUI itself ships it).") from exc
+    try:
+        container = av.open(str(source) if isinstance(source, (str, Path)) else source)
+    except (OSError, getattr(av, "FFmpegError", OSError)) as exc:
+        raise QwenVLError(f"Cannot open the video '{name}': {exc}") from exc
+    with container:
+        if not container.streams.video:
+            raise QwenVLError(f"'{name}' has no video stream.")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 24.0
+        total = int(stream.frames or 0)
+        if total <= 0:  # containers that do not record it: count the packets (no decoding)
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+            container.seek(0)
+        frames, kept = _decode_frames(container, stream, sample_indices(max(total, 1), max_frames,
+                                                                        temporal_patch_size))
+    if not frames:
+        raise QwenVLError(f"'{name}' has no decodable frames.")
+    if len(frames) < len(kept) or kept[-1] >= total:
+        total = max(total, kept[-1] + 1)
+    seen = kept[:len(frames)]
+    return VideoClip(torch.from_numpy(np.stack(frames)), fps, source_indices=seen, source_total=max(total, 1))
+
+
+def _decode_frames(container, stream, wanted: list[int]) -> tuple[list[np.ndarray], list[int]]:
+    targets = set(wanted)
+    last = max(wanted)
+    frames = []
+    for i, frame in enumerate(container.decode(stream)):
+        if i in targets:
+            frames.append(frame.to_ndarray(format="rgb24"))
+        if i >= last:
+            break
+    return frames, sorted(targets)

@@ -598,3 +598,5 @@ def test_load_video_to_run_where_comfyui_has_video(comfy_server, run_info, tiny_
     _assert_success(entry, comfy_server)
     clip = _timing(entry)["videos"][0]
     assert (clip["frames"], clip["source_frames"]) == (6, 12) and clip["fps"] == pytest.approx(15.0), clip
+    # the file behind the VIDEO was decoded for its 6 sampled frames, not through get_components (every frame)
+    assert "decoding the whole VIDEO" not in comfy_server.log_tail(20000)

@@ -105,3 +105,64 @@ def test_cli_video_file_through_the_disk_cache_across_processes(tmp_path, models
     bad = subprocess.run(cmd[:5] + [str(tmp_path / "missing.mp4")] + cmd[6:], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode == 2 and "missing.mp4" in bad.stderr
+
+
+class FileVideo:
+    """The shape of ComfyUI's VideoFromFile (a path or BytesIO behind get_stream_source); its get_components, which
+    decodes every frame to float32, must not be called for a file-backed VIDEO."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def get_stream_source(self):
+        if hasattr(self.source, "seek"):
+            self.source.seek(0)
+        return self.source
+
+    def get_components(self):
+        raise AssertionError("get_components decodes the whole video; the sampled frames were enough")
+
+
+def test_file_backed_video_decodes_only_the_sampled_frames(tmp_path):
+    import io
+
+    frames = clip_frames(20, 48, 64, seed=4)
+    path = tmp_path / "clip.mkv"
+    write_video(path, frames, fps=12)
+    for source in (str(path), io.BytesIO(path.read_bytes())):
+        clip = video.as_clip(FileVideo(source), 24.0, max_frames=8)
+        assert clip.fps == pytest.approx(12.0) and clip.source_total == 20
+        assert clip.source_indices == video.sample_indices(20, 8, 2)
+        assert torch.equal(clip.frames, frames[clip.source_indices])
+
+
+def test_file_backed_video_on_the_node_matches_the_same_frames_as_images(tmp_path, models_dir, monkeypatch):
+    """Through the Run node: a file-backed VIDEO gives the clip (and the cache entry) of the same frames on `video`
+    at the file's rate; a stream PyAV cannot read falls back to ComfyUI's own decoding."""
+    monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(models_dir))
+    from qwenvl_fast import nodes
+
+    frames = clip_frames(12, 56, 84, seed=5)
+    path = tmp_path / "clip.mkv"
+    write_video(path, frames, fps=6)
+    base = dict(model="tiny-qwen2.5-vl", quantization="none", attention_mode="auto", prompt="What happens?",
+                system_prompt="", image_quality="fast", enable_image_cache=True, max_new_tokens=4, do_sample=False,
+                temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.0, seed=0,
+                batch_mode="one prompt, all images", keep_model_loaded=True, max_frames=6)
+    as_file = nodes.QwenVLFastRun().run(video_clip=FileVideo(str(path)), **base)["result"]
+    as_frames = nodes.QwenVLFastRun().run(video=frames.float() / 255.0, video_fps=6.0, **base)["result"]
+    import json
+
+    first, second = json.loads(as_file[2])["videos"][0], json.loads(as_frames[2])["videos"][0]
+    assert (first["frames"], first["source_frames"], first["fps"]) == (6, 12, 6.0)
+    assert first["cache"] == "miss" and second["cache"] == "memory"  # the same sampled frames, the same key
+    assert as_file[0] == as_frames[0]
+
+    class Unreadable(FileVideo):
+        def get_components(self):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(images=frames.float() / 255.0, frame_rate=6)
+
+    fallback = nodes.QwenVLFastRun().run(video_clip=Unreadable(str(tmp_path / "nope.mp4")), **base)["result"]
+    assert json.loads(fallback[2])["videos"][0]["cache"] == "memory" and fallback[0] == as_file[0]
