@@ -6,16 +6,13 @@ positive, and the counts the rows stand for must hold (prefix tokens reused or p
 vision-tower calls, tokens per answer).
 """
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_run import positive, rerender, run_quick
+
 MODEL = "synthetic:tiny-qwen2.5-vl"
 PAIRS = {
     "answers.prefix_reuse": ["time_s", "cpu_s", "prefill_s", "decode_s", "prompt_tokens", "prefix_tokens_reused",
@@ -30,21 +27,10 @@ PAIRS = {
 GPU_ROWS = ["answers.decode_eager", "answers.decode_auto"]
 
 
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
 @pytest.fixture(scope="module")
 def answers_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-answers")
-    js, md = out / "answers.json", out / "answers.md"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark.py"), "--quick", "--only", "answers", "--model", MODEL,
-         "--json", str(js), "--markdown", str(md)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(js.read_text()), md.read_text(), js
+    data, md, js, _ = run_quick(tmp_path_factory.mktemp("bench-answers"), "--only", "answers", "--model", MODEL)
+    return data, md, js
 
 
 def test_answers_rows_are_measured_through_their_paths(answers_run):
@@ -56,7 +42,7 @@ def test_answers_rows_are_measured_through_their_paths(answers_run):
         row = rows[rid]
         assert row["status"] == "ok", f"{rid}: {row['status']} ({row['reason']})"
         for key in keys:
-            assert _positive(row["metrics"].get(key)), f"{rid}.{key} = {row['metrics'].get(key)}"
+            assert positive(row["metrics"].get(key)), f"{rid}.{key} = {row['metrics'].get(key)}"
         assert row["info"]["rounds"] >= 1
 
     reuse, fresh = rows["answers.prefix_reuse"]["metrics"], rows["answers.prefix_no_reuse"]["metrics"]
@@ -65,7 +51,7 @@ def test_answers_rows_are_measured_through_their_paths(answers_run):
     # the same image and question: the prompts differ only by the system prompt
     assert reuse["prefix_tokens_reused"] < reuse["prompt_tokens"]
     info = rows["answers.prefix_reuse"]["info"]
-    assert 0 < info["lm_head_bytes"] <= info["weight_bytes_per_token"] and _positive(info["lm_head_one_token_s"])
+    assert 0 < info["lm_head_bytes"] <= info["weight_bytes_per_token"] and positive(info["lm_head_one_token_s"])
 
     ans = meta["answers"]
     one, batched = rows["answers.each_one_by_one"]["metrics"], rows["answers.each_batched"]["metrics"]
@@ -93,11 +79,7 @@ def test_answers_tables_render_with_the_spread(answers_run, tmp_path):
                  "Prefix tokens reused / prefilled", "First pass (every image a miss"):
         assert text in md, text
     assert "### Single" not in md  # --only answers: the other sections' empty tables are left out
-    out = tmp_path / "again.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--render-json", str(js),
-                           "--markdown", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    again = out.read_text()
+    again = rerender(js, tmp_path / "again.md")
     import benchmark
 
     speed = {r["id"]: r for r in data["models"][0]["rows"]}["answers.each_batched"]["metrics"]

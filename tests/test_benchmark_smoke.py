@@ -5,15 +5,10 @@ paths must really have been taken (a cache miss encodes, a hit does not, batched
 which benchmark.py itself asserts while measuring.
 """
 
-import json
-import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_run import positive, run_quick
 
 # Written out here (not imported from benchmark.py) so that a row the benchmark stops producing fails.
 EXPECTED = {
@@ -37,20 +32,10 @@ EXPECTED = {
 QUICK_SKIPPED = ["compile.off", "compile.on"]  # --quick never compiles
 
 
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    js, md = out / "bench.json", out / "bench.md"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark.py"), "--quick", "--json", str(js), "--markdown", str(md)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(js.read_text()), md.read_text(), proc.stdout
+    data, md, _, stdout = run_quick(tmp_path_factory.mktemp("bench"))
+    return data, md, stdout
 
 
 def test_quick_run_reports_every_row_with_positive_numbers(quick_run):
@@ -64,9 +49,9 @@ def test_quick_run_reports_every_row_with_positive_numbers(quick_run):
             row = rows[rid]
             assert row["status"] == "ok", f"{entry['model']} {rid}: {row['status']} ({row['reason']})"
             for key in keys:
-                assert _positive(row["metrics"].get(key)), f"{entry['model']} {rid}.{key} = {row['metrics'].get(key)}"
+                assert positive(row["metrics"].get(key)), f"{entry['model']} {rid}.{key} = {row['metrics'].get(key)}"
             for key, value in row["metrics"].items():  # the rest: finite, and > 0 unless a microsecond CPU time
-                ok = _positive(value) or (key.endswith("cpu_s") and value == 0 and rid == "hash.memo")
+                ok = positive(value) or (key.endswith("cpu_s") and value == 0 and rid == "hash.memo")
                 assert ok, f"{entry['model']} {rid}.{key} = {value}"
         for rid in QUICK_SKIPPED:
             assert rows[rid]["status"] == "skipped" and rows[rid]["reason"], rows.get(rid)
@@ -95,14 +80,7 @@ def test_quick_run_prints_the_tables_and_the_machine(quick_run):
 
 
 def test_time_budget_skips_rows_cleanly(tmp_path):
-    js = tmp_path / "b.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark.py"), "--quick", "--model", "synthetic:tiny-qwen3-vl",
-         "--time-budget", "0", "--json", str(js)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    data = json.loads(js.read_text())
+    data = run_quick(tmp_path, "--model", "synthetic:tiny-qwen3-vl", "--time-budget", "0", timeout=300)[0]
     rows = {r["id"]: r for r in data["models"][0]["rows"]}
     assert set(EXPECTED) | set(QUICK_SKIPPED) <= set(rows)
     assert all(r["status"] == "skipped" and "time-budget" in r["reason"] for r in rows.values())

@@ -7,36 +7,23 @@ pair, within the preset's clip budget unless one pair per frame is the floor), o
 and vision-tower calls (one per four frame pairs on the miss, none on a hit).
 """
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_run import positive, rerender, run_quick
+
 MODEL = "synthetic:tiny-qwen2.5-vl"
 ROWS = {("fast", 2), ("fast", 4), ("balanced", 2), ("high", 2)}  # the --quick grid, written out here
 TIMES = ["encode_s", "tower_s", "preprocess_s", "hash_s", "per_frame_s", "run_s", "cpu_s", "hit_s", "hit_run_s"]
 
 
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
 @pytest.fixture(scope="module")
 def video_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-video")
-    js, md = out / "video.json", out / "video.md"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmark.py"), "--quick", "--only", "video", "--model", MODEL,
-         "--json", str(js), "--markdown", str(md)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(js.read_text()), md.read_text(), js
+    data, md, js, _ = run_quick(tmp_path_factory.mktemp("bench-video"), "--only", "video", "--model", MODEL,
+                                timeout=300)
+    return data, md, js
 
 
 def test_video_rows_count_frames_tokens_cache_and_tower_calls(video_run):
@@ -52,7 +39,7 @@ def test_video_rows_count_frames_tokens_cache_and_tower_calls(video_run):
         assert row["status"] == "ok", f"{row['id']}: {row['status']} ({row['reason']})"
         m = row["metrics"]
         for key in TIMES:
-            assert _positive(m.get(key)), f"{row['id']}.{key} = {m.get(key)}"
+            assert positive(m.get(key)), f"{row['id']}.{key} = {m.get(key)}"
         assert m["frames"] == f and m["source_frames"] == src == 2 * 4
         pairs = math.ceil(f / 2)
         assert m["tokens"] == pairs * m["tokens_per_frame_pair"] > 0
@@ -76,12 +63,9 @@ def test_video_table_renders_and_rerenders(video_run, tmp_path):
                  "python benchmark.py --quick --only video", "(1 round)", "Tower calls"):
         assert text in md, text
     assert "### Single" not in md and "### Answers" not in md
-    out = tmp_path / "again.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--render-json", str(js),
-                           "--markdown", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = rerender(js, tmp_path / "again.md", timeout=120)
     row = {r["id"]: r for r in data["models"][0]["rows"]}["video.fast_4f"]
-    assert "| `fast` | 4 | " in out.read_text() and f"| {row['metrics']['tokens']:.0f} |" in out.read_text()
+    assert "| `fast` | 4 | " in again and f"| {row['metrics']['tokens']:.0f} |" in again
 
 
 def test_video_defaults_per_device():
