@@ -301,8 +301,7 @@ class DecodeCompile:
 
     def release(self) -> None:
         """Drop the static cache and the compiled call (the model is being unloaded)."""
-        self.cache = None
-        self._cache_key = None
+        self.drop_cache()
         self._guarded = None
         model = self.model
         if model is not None:

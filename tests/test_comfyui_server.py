@@ -186,6 +186,19 @@ def _image(server: ComfyServer, seed: int, size=(96, 64)) -> str:
     return server.upload_image(Image.fromarray(pixels), f"qwen-test-{seed}-{uuid.uuid4().hex[:6]}.png")
 
 
+def _image_folder(server: ComfyServer, tag: str, count: int, size: tuple[int, int], seed: int):
+    """A new folder in the server's scratch space with ``count`` random PNGs of ``size`` (h, w)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = server.work_dir / f"{tag}-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
 def _run(server, info, image, timeout=180, if_present=None, **values) -> dict:
     entry = server.run(_run_graph(info, image, if_present, **values), timeout=timeout)
     _assert_success(entry, server)
@@ -461,14 +474,7 @@ def test_keep_model_loaded_off_does_not_grow_memory_per_run(comfy_server, run_in
 
 
 def test_cancel_during_caption_folder_ends_interrupted_without_half_written_captions(comfy_server, tiny_choice):
-    import numpy as np
-    from PIL import Image
-
-    folder = comfy_server.work_dir / f"caption-cancel-{uuid.uuid4().hex[:6]}"
-    folder.mkdir()
-    rng = np.random.default_rng(23)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    folder = _image_folder(comfy_server, "caption-cancel", 8, (48, 64), seed=23)
     load_info = comfy_server.object_info("QwenVLFast_LoadModel")
     caption_info = comfy_server.object_info("QwenVLFast_CaptionFolder")
 
@@ -517,14 +523,7 @@ def test_cancel_during_caption_folder_ends_interrupted_without_half_written_capt
 # ------------------------------------------------------------------------------- the server backend
 def test_caption_folder_through_a_vllm_server(comfy_server, tiny_choice, vllm_server):
     """Load Model (backend server) -> Caption Folder, queued over HTTP, answered by a real vLLM."""
-    import numpy as np
-    from PIL import Image
-
-    folder = comfy_server.work_dir / f"caption-server-{uuid.uuid4().hex[:6]}"
-    folder.mkdir()
-    rng = np.random.default_rng(31)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    folder = _image_folder(comfy_server, "caption-server", 5, (60, 80), seed=31)
     load_info = comfy_server.object_info("QwenVLFast_LoadModel")
     caption_info = comfy_server.object_info("QwenVLFast_CaptionFolder")
     assert "backend" in load_info["input"].get("optional", {}), load_info["input"]
