@@ -75,7 +75,11 @@ from qwenvl_fast import batch_caption, caches, fast_preprocess  # noqa: E402
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.embedding_cache import canonical_digest  # noqa: E402
-from qwenvl_fast.engine import ANSWER_BATCH_TOKENS  # noqa: E402
+from qwenvl_fast.engine import (  # noqa: E402
+    ANSWER_BATCH_TOKENS,
+    decode_bytes_per_token,
+    device_memory_bandwidth,
+)
 from qwenvl_fast.images import pixel_values_for  # noqa: E402
 from qwenvl_fast.perf_monitor import RunMonitor, sync_device  # noqa: E402
 from qwenvl_fast.video import VideoClip, chunk_bounds  # noqa: E402
@@ -178,18 +182,6 @@ def count_generate_calls(model: Any) -> Iterator[list[int]]:
             model.generate = inner
         else:
             del model.generate
-
-
-def device_bandwidth(device: torch.device) -> float | None:
-    """Peak memory bandwidth in bytes/s from the CUDA device's properties (None when they do not say)."""
-    if device.type != "cuda":
-        return None
-    props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "memory_clock_rate", None)
-    bus_bits = getattr(props, "memory_bus_width", None)
-    if not clock_khz or not bus_bits:
-        return None
-    return clock_khz * 1000 * 2 * bus_bits / 8  # double data rate, as engine.expected_decode_tokens_per_s
 
 
 class Clock:
@@ -825,13 +817,9 @@ class ModelBench:
     def decode_weights(self) -> dict[str, float]:
         """What one decode step reads: the language model's weights (vision tower and input-embedding lookup
         left out; tied embeddings counted once, as the lm_head), and the lm_head alone timed on one token."""
-        model = self.qm.model
-        visual = {id(p) for p in self.qm.visual.parameters()}
-        lookup = model.get_input_embeddings().weight
-        head_mod = model.get_output_embeddings()
+        head_mod = self.qm.model.get_output_embeddings()
         head = head_mod.weight
-        total = sum(p.numel() * p.element_size() for p in model.parameters()
-                    if id(p) not in visual and not (p is lookup and p is not head))
+        total = decode_bytes_per_token(self.qm)
         h = torch.randn(1, 1, int(head.shape[1]), dtype=head.dtype, device=head.device)
         times = []
         with torch.inference_mode():
@@ -947,7 +935,7 @@ class ModelBench:
             self.skip_section(self.ids("answers.decode_auto"), "this build's LoadOptions has no compile_decode")
         t = int(self.args.answers_new_tokens)
         weights = self.decode_weights()
-        bandwidth = device_bandwidth(self.qm.device)
+        bandwidth = device_memory_bandwidth(self.qm.device)
         floor = weights["weight_bytes_per_token"] / bandwidth if bandwidth else None
         models: dict[str, Any] = {}
         img = self.answers_image if self.answers_image is not None else self.new_image()[1]

@@ -737,17 +737,22 @@ class QwenVLModel:
         return tf_compat.install_feature_override(self.model, features, placeholder, gen_kwargs)
 
 
-def expected_decode_tokens_per_s(model: QwenVLModel) -> float | None:
-    """Memory-bound decode estimate: GPU memory bandwidth / bytes of weights read per token."""
-    if model.device.type != "cuda":
+def device_memory_bandwidth(device: torch.device) -> float | None:
+    """Peak memory bandwidth in bytes/s from a CUDA device's properties (None elsewhere, or when they do not say)."""
+    if device.type != "cuda":
         return None
-    props = torch.cuda.get_device_properties(model.device)
+    props = torch.cuda.get_device_properties(device)
     clock_khz = getattr(props, "memory_clock_rate", None)
     bus_bits = getattr(props, "memory_bus_width", None)
     if not clock_khz or not bus_bits:
         return None
-    bandwidth = clock_khz * 1000 * 2 * bus_bits / 8  # double data rate
-    weights = decode_bytes_per_token(model)
+    return clock_khz * 1000 * 2 * bus_bits / 8  # double data rate
+
+
+def expected_decode_tokens_per_s(model: QwenVLModel) -> float | None:
+    """Memory-bound decode estimate: GPU memory bandwidth / bytes of weights read per token."""
+    bandwidth = device_memory_bandwidth(model.device)
+    weights = decode_bytes_per_token(model) if bandwidth else 0
     return bandwidth / weights if weights else None
 
 

@@ -31,11 +31,12 @@ NOMINAL_GBS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "A
 def bandwidth_bytes_per_s(torch, device, override_gbs: float | None) -> tuple[float | None, str]:
     if override_gbs:
         return override_gbs * 1e9, "--bandwidth-gbs"
+    from qwenvl_fast.engine import device_memory_bandwidth
+
+    from_props = device_memory_bandwidth(device)
+    if from_props:
+        return from_props, "device properties (memory clock x bus width x 2)"
     props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "memory_clock_rate", None)
-    bus_bits = getattr(props, "memory_bus_width", None)
-    if clock_khz and bus_bits:  # as engine.expected_decode_tokens_per_s: double data rate
-        return clock_khz * 1000 * 2 * bus_bits / 8, f"device properties ({clock_khz} kHz x {bus_bits} bit x 2)"
     for name, gbs in NOMINAL_GBS.items():
         if name in props.name:
             return gbs * 1e9, f"nominal for {name}"
@@ -43,19 +44,10 @@ def bandwidth_bytes_per_s(torch, device, override_gbs: float | None) -> tuple[fl
 
 
 def weight_bytes_per_token(model) -> tuple[int, int]:
-    """(bytes of weights one decode step reads, vision tower bytes left out): the language model and lm_head.
+    """(bytes of weights one decode step reads, vision tower bytes left out): engine.decode_bytes_per_token."""
+    from qwenvl_fast.engine import decode_bytes_per_token
 
-    Parameters are counted once (tied embeddings share lm_head's matrix, which decode reads in full); the vision
-    tower does not run while decoding.
-    """
-    seen: set[int] = set()
-    total = 0
-    for p in model.model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    visual = sum(p.numel() * p.element_size() for p in model.model.model.visual.parameters())
-    return total - visual, visual
+    return decode_bytes_per_token(model), sum(p.numel() * p.element_size() for p in model.visual.parameters())
 
 
 def main() -> int:
