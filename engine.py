@@ -81,6 +81,10 @@ class GenerationRequest:
     should_stop: Callable[[], bool] | None = None
     on_progress: Callable[[int, int], None] | None = None
     on_text: Callable[[str], None] | None = None
+    # Caption Folder's contract: an answer that fails on its own (a bad or cut-off server answer) is reported in
+    # ``GenerationResult.errors`` at its index instead of failing the whole request. Cancel and faults that hit
+    # every answer (server down, refused key) still raise.
+    per_answer_errors: bool = False
 
     @classmethod
     def from_inputs(cls, inputs: Mapping[str, Any], **overrides: Any) -> GenerationRequest:
@@ -97,10 +101,15 @@ class GenerationResult:
     thinking: list[str]
     record: RunRecord
     token_ids: list[list[int]] = field(default_factory=list)
+    # One entry per answer when the request set ``per_answer_errors``: None, or why that answer has no text.
+    errors: list[str | None] = field(default_factory=list)
 
     @property
     def text(self) -> str:
         return "\n\n".join(self.texts)
+
+    def error_of(self, index: int) -> str | None:
+        return self.errors[index] if index < len(self.errors) else None
 
 STREAM_EVERY_TOKENS = 8  # partial text sent to the UI this often: decoding every token would cost more
 
