@@ -17,7 +17,7 @@ def _check_versions() -> str | None:
         import torch
         import transformers
 
-        from .tf_compat import version_tuple
+        from .sources.tf_compat import version_tuple
     except ImportError as exc:
         missing = exc.name or str(exc)
         return f"cannot import {missing}: run 'pip install -r requirements.txt' in ComfyUI's Python."

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from . import qwenvl_loader as ql
-from .engine import BATCH_MODES, GenerationRequest
-from .errors import QwenVLError
-from .video import VIDEO_EXTENSIONS, load_video_file
+from .core.api import BATCH_MODES, GenerationRequest
+from .core.errors import QwenVLError
+from .vision.video import VIDEO_EXTENSIONS, load_video_file
 
 log = logging.getLogger("QwenVL-Fast")
 

@@ -12,13 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from . import comfy_glue
 from . import quality_presets as qp
 from . import qwenvl_loader as ql
 from .batch_caption import caption_folder
+from .comfyui_host import glue as comfy_glue
+from .core.api import BACKENDS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_VIDEO_FPS, UPLOAD_FORMATS, VideoClip
 from .embedding_cache import CACHE_DIR_ENV
-from .server_backend import BACKENDS, DEFAULT_MAX_IN_FLIGHT, UPLOAD_FORMATS
-from .video import DEFAULT_MAX_FRAMES, DEFAULT_VIDEO_FPS, VideoClip, as_clip
+from .vision.video import as_clip
 
 log = logging.getLogger("QwenVL-Fast")
 

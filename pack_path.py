@@ -2,7 +2,7 @@
 
 Inside ComfyUI the folder is imported as a package by ComfyUI itself; the engine's modules use relative
 imports only, so none of them can also be imported a second time as a plain module (with a second model
-manager and second caches). Scripts (``cli.py``, ``benchmark.py``) and the tests call :func:`import_pack`.
+manager and second caches). Scripts (``cli.py``, ``bench/benchmark.py``) and the tests call :func:`import_pack`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .core.api import DEFAULT_QUALITY as DEFAULT_QUALITY  # the request's default lives with the request
+
 # (min tokens, max tokens) per image.
 PRESET_TOKEN_BUDGETS: dict[str, tuple[int, int]] = {
     "fast": (128, 256),
@@ -25,7 +27,6 @@ PRESET_TOKEN_BUDGETS: dict[str, tuple[int, int]] = {
 AUTO = "auto"
 NATIVE = "native"
 QUALITY_CHOICES: list[str] = [AUTO, NATIVE, "fast", "balanced", "high", "ultra"]
-DEFAULT_QUALITY = "balanced"
 
 # transformers' smart_resize refuses aspect ratios above this.
 MAX_ASPECT_RATIO = 200

@@ -20,40 +20,30 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import synthetic, vision_attention
+from .backends.openai_server import ServerModel
 from .caches import clear_memory_caches, get_cache
-from .decode_compile import DECODE_COMPILE_CHOICES
-from .download import download_model
-from .embedding_cache import canonical_digest
-from .engine import (
+from .core.api import (
+    BACKENDS,
     BATCH_MODES,
     PREPROCESS_CHOICES,
     GenerationRequest,
     GenerationResult,
+    LoadOptions,
+)
+from .core.errors import GenerationInterrupted, ModelNotFoundError, QwenVLError
+from .embedding_cache import canonical_digest
+from .engine.decode_compile import DECODE_COMPILE_CHOICES
+from .engine.model import (
     QwenVLModel,
     expected_decode_tokens_per_s,
     unquantized_bf16_bytes,
 )
-from .errors import GenerationInterrupted, ModelNotFoundError, QwenVLError
-from .images import canonicalize_image, split_image_batch
-from .model_sources import (
-    INCOMPLETE_MARKER,
-    add_model_dir,
-    check_architecture,
-    check_folder,
-    detect_family,
-    model_choices,
-    resolve_model,
-    synthetic_choices,
-)
-from .perf_monitor import TIPS, RunMonitor, report
-from .prompting import split_thinking
-from .runtime_choice import (
+from .engine.prompting import split_thinking
+from .engine.runtime_choice import (
     ATTENTION_CHOICES,
     COMPILE_CHOICES,
     DEVICE_CHOICES,
@@ -65,30 +55,24 @@ from .runtime_choice import (
     resolve_device,
     resolve_dtype,
 )
-from .server_backend import BACKENDS, DEFAULT_MAX_IN_FLIGHT, ServerModel
-from .weights_identity import folder_identity, synthetic_identity
+from .perf_monitor import TIPS, RunMonitor, report
+from .sources import synthetic
+from .sources.download import download_model
+from .sources.models import (
+    INCOMPLETE_MARKER,
+    add_model_dir,
+    check_architecture,
+    check_folder,
+    detect_family,
+    model_choices,
+    resolve_model,
+    synthetic_choices,
+)
+from .sources.weights_identity import folder_identity, synthetic_identity
+from .vision import attention as vision_attention
+from .vision.images import canonicalize_image, split_image_batch
 
 log = logging.getLogger("QwenVL-Fast")
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    model: str
-    quantization: str = "none"
-    attention_mode: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    compile_vision: str = "off"
-    compile_decode: str = "auto"  # static KV cache + torch.compile decode: auto (CUDA, where supported) or off
-    allow_absolute_path: bool = True
-    # backend "server": an OpenAI-compatible server answers instead (server_backend.py); model is then unused.
-    backend: str = "local"
-    server_url: str = ""
-    server_model: str = ""
-    server_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
-    server_upload_format: str = "png"
-    server_timeout_s: float = 300.0
-    server_retries: int = 3
 
 
 def load_model(options: LoadOptions) -> QwenVLModel | ServerModel:

@@ -19,6 +19,6 @@ PYTHONPATH=/tmp/site timeout 240 python3 docs/measurements/gpu_decode_check.py 2
 # 3. The benchmark with the real towers in bf16.
 for m in synthetic:qwen2.5-vl-3b synthetic:qwen3-vl-4b; do
   tag=$(echo "$m" | tr ':.' '__')
-  PYTHONPATH=/tmp/site timeout 120 python3 benchmark.py --model "$m" --device cuda --dtype bf16 --time-budget 90 \
+  PYTHONPATH=/tmp/site timeout 120 python3 bench/benchmark.py --model "$m" --device cuda --dtype bf16 --time-budget 90 \
     --markdown "$OUT/bench_$tag.md" --json "$OUT/bench_$tag.json" 2>&1 | tail -60 | tee "$OUT/bench_$tag.log"
 done

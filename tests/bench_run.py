@@ -16,15 +16,15 @@ def positive(value) -> bool:
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python benchmark.py *args`` in the repository; fails the test with its stderr when it fails."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), *args], cwd=ROOT, capture_output=True,
+    """``python bench/benchmark.py *args`` in the repository; fails the test with its stderr when it fails."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def run_quick(out: Path, *args: str, timeout: float = 600) -> tuple[dict, str, Path, str]:
-    """``benchmark.py --quick *args`` writing into ``out``: (JSON data, markdown, JSON path, stdout)."""
+    """``bench/benchmark.py --quick *args`` writing into ``out``: (JSON data, markdown, JSON path, stdout)."""
     js, md = out / "bench.json", out / "bench.md"
     proc = bench("--quick", *args, "--json", str(js), "--markdown", str(md), timeout=timeout)
     return json.loads(js.read_text()), md.read_text(), js, proc.stdout

@@ -219,7 +219,7 @@ class ComfyServer(ServerLog):
 
     def add_model(self, name: str, preset: str = "synthetic:tiny-qwen2.5-vl") -> Path:
         """Write a synthetic model folder into the server's LLM folder (also while it runs)."""
-        from qwenvl_fast import synthetic  # the tests' conftest imported the pack (pack_path)
+        from qwenvl_fast.sources import synthetic  # the tests' conftest imported the pack (pack_path)
 
         return synthetic.save_synthetic(preset, self.llm_dir / name)
 

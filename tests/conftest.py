@@ -18,7 +18,7 @@ def _supported(names):
     """The families the installed transformers knows (Qwen3.5 arrived in 5.x; CI also runs an older one)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    from qwenvl_fast import synthetic
+    from qwenvl_fast.sources import synthetic
 
     return [n for n in names if synthetic.SYNTHETIC_PRESETS[n].family in CONFIG_MAPPING_NAMES]
 
@@ -55,7 +55,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """A models/LLM-like folder with one tiny model per family (random weights, real processor)."""
-    from qwenvl_fast import synthetic
+    from qwenvl_fast.sources import synthetic
 
     base = tmp_path_factory.mktemp("LLM")
     for name in TINY_FAMILIES:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, load_tiny, tiny_request
-from qwenvl_fast import engine
 from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast.engine import model as engine
 
 FAMILIES = [f for f in ("tiny-qwen2.5-vl", "tiny-qwen3-vl") if f in TINY_FAMILIES]
 EACH = engine.BATCH_MODES[1]

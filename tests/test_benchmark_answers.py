@@ -75,7 +75,7 @@ def test_answers_rows_are_measured_through_their_paths(answers_run):
 def test_answers_tables_render_with_the_spread(answers_run, tmp_path):
     data, md, js = answers_run
     for text in ("#### New question on a seen image", "one answer each", "#### Decode per token",
-                 "#### Caption Folder", "python benchmark.py --quick --only answers", "(1 round)",
+                 "#### Caption Folder", "python bench/benchmark.py --quick --only answers", "(1 round)",
                  "Prefix tokens reused / prefilled", "First pass (every image a miss"):
         assert text in md, text
     assert "### Single" not in md  # --only answers: the other sections' empty tables are left out

@@ -74,7 +74,7 @@ def test_quick_run_prints_the_tables_and_the_machine(quick_run):
         assert "| Multi-image (4 images) | Total | Per image |" in text
         assert "| Path | Visual tokens | Preprocess | Transfer | Encode | Total |" in text
         assert "End-to-end generation" in text and "Embedding cache" in text
-        assert "python benchmark.py --quick" in text
+        assert "python bench/benchmark.py --quick" in text
         for entry in data["models"]:
             assert entry["model"] in text
 

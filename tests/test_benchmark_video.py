@@ -60,7 +60,7 @@ def test_video_rows_count_frames_tokens_cache_and_tower_calls(video_run):
 def test_video_table_renders_and_rerenders(video_run, tmp_path):
     data, md, js = video_run
     for text in ("### Video: encode time against frames and preset", "| Preset | Frames | Frame size |",
-                 "python benchmark.py --quick --only video", "(1 round)", "Tower calls"):
+                 "python bench/benchmark.py --quick --only video", "(1 round)", "Tower calls"):
         assert text in md, text
     assert "### Single" not in md and "### Answers" not in md
     again = rerender(js, tmp_path / "again.md", timeout=120)

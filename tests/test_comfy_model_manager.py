@@ -15,8 +15,8 @@ import torch
 
 from comfy_contract import ModelManagement, ModelPatcherBase, other_model
 from conftest import tiny_request
-from qwenvl_fast import comfy_model_manager as cmm
 from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast.comfyui_host import model_manager as cmm
 
 FLAVOURS = ["current", "2024-03"]
 TINY = "tiny-qwen2.5-vl"

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, load_tiny, tiny_request
-from qwenvl_fast import decode_compile as dc
-from qwenvl_fast import tf_compat
-from qwenvl_fast.vision_compile import count_recompiles
+from qwenvl_fast.engine import decode_compile as dc
+from qwenvl_fast.sources import tf_compat
+from qwenvl_fast.vision.tower_compile import count_recompiles
 
 FAMILIES = [f for f in ("tiny-qwen2.5-vl", "tiny-qwen3-vl") if f in TINY_FAMILIES]
 # Two questions whose prompts differ in length but share the 256 bucket with 8 new tokens (checked below).

@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, TINY_FAMILIES, load_tiny, tiny_request
 from qwenvl_fast import caches
 from qwenvl_fast import embedding_cache as ec
-from qwenvl_fast import images as image_pipeline
 from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast.vision import images as image_pipeline
 
 load = load_tiny
 request = tiny_request
@@ -70,7 +70,7 @@ def test_hit_runs_no_image_pipeline(models_dir, monkeypatch):
     model = load(models_dir, "tiny-qwen2.5-vl")
     imgs = images(1)
     model.run(request(imgs))
-    from qwenvl_fast import fast_preprocess
+    from qwenvl_fast.vision import fast_preprocess
 
     def boom(*a, **k):
         raise AssertionError("image pipeline ran on a hit")

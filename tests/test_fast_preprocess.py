@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from qwenvl_fast import fast_preprocess as fp
-from qwenvl_fast import synthetic
+from qwenvl_fast.sources import synthetic
+from qwenvl_fast.vision import fast_preprocess as fp
 
 ATOL = 1e-6  # see module docstring: measured 0.0 on the CPU
 FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen3-vl"]

@@ -36,7 +36,7 @@ def test_cuda_bf16_same_tokens_reference_fast_and_hit(models_dir, family):
 
 
 def test_cuda_upload_is_pinned_and_async(models_dir):
-    from qwenvl_fast import fast_preprocess
+    from qwenvl_fast.vision import fast_preprocess
 
     host = [torch.randint(0, 255, (64, 80, 3), dtype=torch.uint8) for _ in range(3)]
     out = fast_preprocess.upload(host, "cuda")
@@ -46,7 +46,7 @@ def test_cuda_upload_is_pinned_and_async(models_dir):
 
 
 def test_cuda_no_host_sync_in_fast_preprocess():
-    from qwenvl_fast import fast_preprocess
+    from qwenvl_fast.vision import fast_preprocess
 
     imgs = fast_preprocess.upload([torch.randint(0, 255, (300, 400, 3), dtype=torch.uint8)], "cuda")
     torch.cuda.synchronize()
@@ -92,7 +92,7 @@ def test_quantization_4bit(models_dir):
 
 
 def test_compile_on_cuda_matches_eager_and_bounds_recompiles(models_dir):
-    from qwenvl_fast import vision_compile
+    from qwenvl_fast.vision import tower_compile as vision_compile
 
     ok, why = vision_compile.compiler_status(torch.device("cuda"))
     if not ok:
@@ -140,8 +140,9 @@ def test_cuda_compiled_decode_is_on_matches_eager_and_reuses_its_graph(models_di
 def test_cuda_video_matches_the_processor_path_and_hits_the_cache(models_dir, family):
     from test_video import processor_inputs, target_hw
 
-    from qwenvl_fast import tf_compat
-    from qwenvl_fast.video import VideoClip, sample_indices
+    from qwenvl_fast.core.api import VideoClip
+    from qwenvl_fast.sources import tf_compat
+    from qwenvl_fast.vision.video import sample_indices
 
     if tf_compat.transformers_version() < (5, 18):
         pytest.skip("video needs transformers >= 5.18")

@@ -295,7 +295,7 @@ def test_video_frames_on_the_run_node(nodes):
     """Frames on `video` go through the video path from transformers 5.18 on; before, a clear error names the fix.
     An empty clip is an error before any model is loaded; the node keeps answering afterwards."""
     from qwenvl_fast import qwenvl_loader as ql
-    from qwenvl_fast import tf_compat
+    from qwenvl_fast.sources import tf_compat
 
     with pytest.raises(ql.QwenVLError, match="no frames"):
         run_node(nodes, "tiny-qwen2.5-vl", video=torch.zeros(0, 56, 56, 3))

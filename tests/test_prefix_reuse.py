@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, load_tiny, tiny_request
-from qwenvl_fast import engine, prefix_cache, tf_compat
+from qwenvl_fast.engine import model as engine
+from qwenvl_fast.engine import prefix_cache
+from qwenvl_fast.sources import tf_compat
 
 REUSE_OK = tf_compat.transformers_version() >= (5, 18)
 needs_reuse = pytest.mark.skipif(not REUSE_OK, reason="prefix reuse is off before transformers 5.18")

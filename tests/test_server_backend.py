@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qwenvl_fast import qwenvl_loader as ql
-from qwenvl_fast import server_backend as sb
+from qwenvl_fast.backends import openai_server as sb
 from vllm_server import vllm_server  # noqa: F401  (the session fixture: a real vLLM, or a skip)
 
 
@@ -106,7 +106,7 @@ def _run(opts, images, **req):
 
 
 def test_video_is_refused_with_the_fix_and_the_server_keeps_answering(served):
-    from qwenvl_fast.video import VideoClip
+    from qwenvl_fast.core.api import VideoClip
 
     with pytest.raises(ql.QwenVLError, match="backend to 'local'"):
         _run(served, [], videos=[VideoClip(torch.rand(4, 64, 64, 3), 8.0)], batch_mode=ql.BATCH_MODES[0])

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, load_tiny
-from qwenvl_fast import caches, fast_preprocess, tf_compat, video
+from qwenvl_fast import caches
 from qwenvl_fast import qwenvl_loader as ql
-from qwenvl_fast.errors import GenerationInterrupted, QwenVLError
+from qwenvl_fast.core.errors import GenerationInterrupted, QwenVLError
+from qwenvl_fast.sources import tf_compat
+from qwenvl_fast.vision import fast_preprocess, video
 
 pytestmark = pytest.mark.skipif(tf_compat.transformers_version() < (5, 18),
                                 reason="video needs transformers >= 5.18 (mm_encoder_outputs)")

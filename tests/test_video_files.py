@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, load_tiny
-from qwenvl_fast import batch_caption, tf_compat, video
+from qwenvl_fast import batch_caption
 from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast.sources import tf_compat
+from qwenvl_fast.vision import video
 
 av = pytest.importorskip("av")
 pytestmark = pytest.mark.skipif(tf_compat.transformers_version() < (5, 18) or "tiny-qwen2.5-vl" not in TINY_FAMILIES,

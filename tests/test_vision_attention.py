@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY_FAMILIES
 from qwenvl_fast import qwenvl_loader as ql
-from qwenvl_fast import vision_attention as va
+from qwenvl_fast.vision import attention as va
 
 
 def request(images, **kw):

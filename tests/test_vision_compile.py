@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from qwenvl_fast import synthetic
-from qwenvl_fast import vision_compile as vc
+from qwenvl_fast.sources import synthetic
+from qwenvl_fast.vision import tower_compile as vc
 
 LOGGER = "QwenVL-Fast"
 

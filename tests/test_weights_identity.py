@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_request
-from qwenvl_fast import caches, synthetic
+from qwenvl_fast import caches
 from qwenvl_fast import qwenvl_loader as ql
-from qwenvl_fast import weights_identity as wi
+from qwenvl_fast.sources import synthetic
+from qwenvl_fast.sources import weights_identity as wi
 
 FAMILY = "tiny-qwen2.5-vl"
 

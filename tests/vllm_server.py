@@ -285,7 +285,7 @@ def session_server(tmp_path_factory: pytest.TempPathFactory) -> VllmServer:
         return server
     if "error" in _SESSION:
         raise RuntimeError(f"the vLLM server failed to start earlier in this session: {_SESSION['error']}")
-    from qwenvl_fast import synthetic  # the tests' conftest imported the pack (pack_path)
+    from qwenvl_fast.sources import synthetic  # the tests' conftest imported the pack (pack_path)
 
     base = tmp_path_factory.mktemp("vllm")
     model_dir = synthetic.save_synthetic(VLLM_PRESET, base / "tiny-qwen2.5-vl-h64")

@@ -4,7 +4,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 import pack_path
 pack_path.import_pack()
 import torch
-from qwenvl_fast import qwenvl_loader as ql, engine, synthetic
+from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast.engine import model as engine
+from qwenvl_fast.sources import synthetic
 
 torch.manual_seed(0)
 imgs = [torch.rand(90, 120, 3) for _ in range(8)]

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import pack_path  # noqa: E402
 
 pack_path.import_pack()
-from qwenvl_fast import nodes, synthetic  # noqa: E402
+from qwenvl_fast import nodes  # noqa: E402
+from qwenvl_fast.sources import synthetic  # noqa: E402
 
 work = Path(tempfile.mkdtemp())
 synthetic.save_synthetic("synthetic:tiny-qwen2.5-vl", work / "tiny")

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .model_sources import read_safetensors_header
+from .models import read_safetensors_header
 
 log = logging.getLogger("QwenVL-Fast")
 

@@ -7,109 +7,42 @@ them, ``tf_compat.py``) -> answers and a timing record (``perf_monitor.py``).
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from . import quality_presets as qp
-from . import tf_compat
-from .caches import get_cache
-from .decode_compile import DecodeCompile
-from .embedding_cache import ImageEmbedding
-from .errors import GenerationInterrupted, QwenVLError
-from .images import ImageSpec, PreparedImage, canonicalize_image, pixel_values_for, prepare_images
-from .model_sources import FamilyInfo, ModelSource
-from .perf_monitor import RunMonitor, RunRecord, TokenTimer
-from .prefix_cache import PrefixCache, prefix_cache_bytes, prefix_length, snapshot
-from .prompting import PromptBuilder, split_thinking
-from .runtime_choice import release_memory
-from .video import (
-    DEFAULT_MAX_FRAMES,
+from .. import quality_presets as qp
+from ..caches import get_cache
+from ..core.api import (
+    BATCH_MODES,
+    GenerationRequest,
+    GenerationResult,
+    LoadOptions,
+)
+from ..core.errors import GenerationInterrupted, QwenVLError
+from ..embedding_cache import ImageEmbedding
+from ..perf_monitor import RunMonitor, RunRecord, TokenTimer
+from ..sources import tf_compat
+from ..sources.models import FamilyInfo, ModelSource
+from ..vision.images import ImageSpec, PreparedImage, canonicalize_image, pixel_values_for, prepare_images
+from ..vision.video import (
     PreparedVideo,
-    VideoClip,
     chunk_bounds,
     join_chunks,
     prepare_videos,
     video_pixel_values,
 )
-
-if TYPE_CHECKING:
-    from .qwenvl_loader import LoadOptions
+from .decode_compile import DecodeCompile
+from .prefix_cache import PrefixCache, prefix_cache_bytes, prefix_length, snapshot
+from .prompting import PromptBuilder, split_thinking
+from .runtime_choice import release_memory
 
 log = logging.getLogger("QwenVL-Fast")
-
-BATCH_MODES = ["one prompt, all images", "one answer per image"]
-
-PREPROCESS_CHOICES = ["fast", "reference"]
-
-# "one answer per image": the answers are generated together, in batches of at most this many tokens (rows x
-# (longest prompt + max_new_tokens), what the KV cache holds at the end). 16k tokens of KV cache are ~0.6 GiB
-# for a 3B model and ~0.9 GiB for a 7B one in bf16; 0 (or any budget a single row exceeds) means one by one.
-ANSWER_BATCH_TOKENS = 16384
-
-
-@dataclass
-class GenerationRequest:
-    prompt: str
-    images: list[torch.Tensor] = field(default_factory=list)
-    # Video clips (video.py): each through the model's video path, in the same prompt as the images.
-    videos: list[VideoClip] = field(default_factory=list)
-    max_frames: int = DEFAULT_MAX_FRAMES
-    system_prompt: str = ""
-    image_quality: str = qp.DEFAULT_QUALITY
-    enable_image_cache: bool = True
-    disk_cache: bool = True
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    batch_mode: str = BATCH_MODES[0]
-    answer_batch_tokens: int = ANSWER_BATCH_TOKENS
-    preprocess: str = "fast"
-    monitor: bool = True
-    should_stop: Callable[[], bool] | None = None
-    on_progress: Callable[[int, int], None] | None = None
-    on_text: Callable[[str], None] | None = None
-    # Caption Folder's contract: an answer that fails on its own (a bad or cut-off server answer) is reported in
-    # ``GenerationResult.errors`` at its index instead of failing the whole request. Cancel and faults that hit
-    # every answer (server down, refused key) still raise.
-    per_answer_errors: bool = False
-
-    @classmethod
-    def from_inputs(cls, inputs: Mapping[str, Any], **overrides: Any) -> GenerationRequest:
-        """A request from a node's (or any caller's) keyword inputs: the fields it knows, the rest ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in inputs.items() if k in names}
-        values.update(overrides)
-        return cls(**values)
-
-
-@dataclass
-class GenerationResult:
-    texts: list[str]
-    thinking: list[str]
-    record: RunRecord
-    token_ids: list[list[int]] = field(default_factory=list)
-    # One entry per answer when the request set ``per_answer_errors``: None, or why that answer has no text.
-    errors: list[str | None] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return "\n\n".join(self.texts)
-
-    def error_of(self, index: int) -> str | None:
-        return self.errors[index] if index < len(self.errors) else None
 
 STREAM_EVERY_TOKENS = 8  # partial text sent to the UI this often: decoding every token would cost more
 
@@ -237,7 +170,7 @@ class QwenVLModel:
             return self.dtype
 
     def set_compile(self, setting: str) -> None:
-        from .vision_compile import compile_vision_tower
+        from ..vision.tower_compile import compile_vision_tower
 
         self.compile_report = compile_vision_tower(self.model, setting, device=self.device)
 

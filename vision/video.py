@@ -24,12 +24,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from .. import quality_presets as qp
+from ..core.api import DEFAULT_VIDEO_FPS, VideoClip
+from ..core.errors import QwenVLError
+from ..embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
+from ..perf_monitor import RunMonitor
 from . import fast_preprocess
-from . import quality_presets as qp
-from .embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
-from .errors import QwenVLError
 from .images import ImageSpec, canonicalize_image
-from .perf_monitor import RunMonitor
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -42,25 +43,11 @@ NATIVE_FRAME_TOKENS = (128, 768)
 # Below this a frame is a thumbnail of a few patches; more frames than the budget allows at this size cost more
 # than the budget (the run record says so), rather than frames too small to show anything.
 MIN_FRAME_TOKENS = 16
-DEFAULT_MAX_FRAMES = 16
-DEFAULT_VIDEO_FPS = 24.0
 # Temporal patches per vision-tower call: the tower attends within a frame only (its cu_seqlens split per
 # temporal patch), so a clip encoded in chunks equals the clip encoded at once; between chunks an interrupt is
 # honoured and progress reported.
 ENCODE_CHUNK_PATCHES = 4
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
-
-
-@dataclass
-class VideoClip:
-    """Frames ``[T, H, W, C]`` (a ComfyUI IMAGE batch) and the rate they were taken at."""
-
-    frames: torch.Tensor
-    fps: float = DEFAULT_VIDEO_FPS
-    # Indices of ``frames`` in the source video, when the caller already sampled (a decoder that kept only
-    # some frames); None means consecutive frames 0..T-1.
-    source_indices: list[int] | None = None
-    source_total: int | None = None
 
 
 def as_clip(video: Any, fps: float | None = None, max_frames: int | None = None) -> VideoClip | None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import ModelNotFoundError, QwenVLError
 from . import synthetic
-from .errors import ModelNotFoundError, QwenVLError
 
 KNOWN_MODELS: dict[str, str] = {
     # repo id: size shown in the model list

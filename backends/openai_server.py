@@ -34,28 +34,28 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from . import quality_presets as qp
-from .caches import get_cache
-from .embedding_cache import canonical_digest
-from .errors import GenerationInterrupted, QwenVLError
-from .images import canonicalize_image
-from .perf_monitor import RunMonitor, RunRecord
-from .prompting import split_thinking
-
-if TYPE_CHECKING:
-    from .engine import GenerationRequest, GenerationResult
-    from .qwenvl_loader import LoadOptions
+from .. import quality_presets as qp
+from ..caches import get_cache
+from ..core.api import (
+    BATCH_MODES,
+    UPLOAD_FORMATS,
+    GenerationRequest,
+    GenerationResult,
+    LoadOptions,
+)
+from ..core.errors import GenerationInterrupted, QwenVLError
+from ..embedding_cache import canonical_digest
+from ..engine.prompting import split_thinking
+from ..perf_monitor import RunMonitor, RunRecord
+from ..vision.images import canonicalize_image
 
 log = logging.getLogger("QwenVL-Fast")
 
-BACKENDS = ["local", "server"]
-UPLOAD_FORMATS = ["png", "jpeg"]
 API_KEY_ENV = "QWENVL_FAST_API_KEY"
-DEFAULT_MAX_IN_FLIGHT = 8
 RETRY_STATUSES = (429, 502, 503, 504)
 UPLOAD_MEMO_ENTRIES = 256
 STREAM_EVERY_TOKENS = 8
@@ -431,8 +431,6 @@ class ServerModel:
             stream.done = True
 
     def run(self, req: GenerationRequest) -> GenerationResult:
-        from .engine import BATCH_MODES, GenerationResult
-
         if not self.usable:
             raise QwenVLError("This server connection was closed; run the loader again.")
         if req.batch_mode not in BATCH_MODES:

@@ -7,7 +7,7 @@ import importlib.util
 
 import torch
 
-from .errors import QwenVLError
+from ..core.errors import QwenVLError
 
 QUANTIZATION_CHOICES = ["none", "8-bit", "4-bit"]
 

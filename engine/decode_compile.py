@@ -123,7 +123,7 @@ def support_reason(model: Any, device: torch.device, quantization: str = "none",
     if why:
         return why
     if check_compiler:
-        from .vision_compile import compiler_status
+        from ..vision.tower_compile import compiler_status
 
         ok, status = compiler_status(device)
         if not ok:

@@ -7,8 +7,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ModelNotFoundError
-from .model_sources import INCOMPLETE_MARKER, default_model_dirs, folder_for_repo, is_model_folder
+from ..core.errors import ModelNotFoundError
+from .models import INCOMPLETE_MARKER, default_model_dirs, folder_for_repo, is_model_folder
 
 log = logging.getLogger("QwenVL-Fast")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .embedding_cache import ImageEmbedding
+    from ..embedding_cache import ImageEmbedding
 
 
 def version_tuple(text: str) -> tuple[int, int]:

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import QwenVLError
+from ..core.errors import QwenVLError
 
 if TYPE_CHECKING:
-    from .images import PreparedImage
-    from .video import PreparedVideo
+    from ..vision.images import PreparedImage
+    from ..vision.video import PreparedVideo
 
 log = logging.getLogger("QwenVL-Fast")
 

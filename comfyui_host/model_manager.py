@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 if __package__:
-    from . import qwenvl_loader as ql
+    from .. import qwenvl_loader as ql
 else:  # pragma: no cover - plain-module import in scripts
     import qwenvl_loader as ql
 

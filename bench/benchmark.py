@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Qwen-VL Fast benchmark: every speed claim of the seed guide, measured side by side in one run.
 
-    python benchmark.py --quick --json out.json                     # smoke run, tiny models, < 1 min
-    python benchmark.py --model synthetic:qwen2.5-vl-3b@1 --repeats 1 --multi-quality fast \
+    python bench/benchmark.py --quick --json out.json                     # smoke run, tiny models, < 1 min
+    python bench/benchmark.py --model synthetic:qwen2.5-vl-3b@1 --repeats 1 --multi-quality fast \
         --compile-quality fast --compile-budget 480 --markdown docs/benchmark-cpu.md   # ~9 min on 2 idle cores
-    python benchmark.py --model synthetic:qwen2.5-vl-3b --device cuda --dtype bf16 --time-budget 170
-    python benchmark.py --model synthetic:qwen3-vl-4b --device cuda --time-budget 170
+    python bench/benchmark.py --model synthetic:qwen2.5-vl-3b --device cuda --dtype bf16 --time-budget 170
+    python bench/benchmark.py --model synthetic:qwen3-vl-4b --device cuda --time-budget 170
 
 ``synthetic:`` models are the real transformers architectures with random weights: compute time does
 not depend on weight values, so the timings are real (the text is not). ``@N`` shortens the language
@@ -66,23 +66,24 @@ from typing import Any
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+PACK_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PACK_ROOT))
 import pack_path  # noqa: E402
 
 pack_path.import_pack()
-from qwenvl_fast import batch_caption, caches, fast_preprocess  # noqa: E402
+from qwenvl_fast import batch_caption, caches  # noqa: E402
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
+from qwenvl_fast.core.api import ANSWER_BATCH_TOKENS, VideoClip  # noqa: E402
 from qwenvl_fast.embedding_cache import canonical_digest  # noqa: E402
-from qwenvl_fast.engine import (  # noqa: E402
-    ANSWER_BATCH_TOKENS,
+from qwenvl_fast.engine.model import (  # noqa: E402
     decode_bytes_per_token,
     device_memory_bandwidth,
 )
-from qwenvl_fast.images import pixel_values_for  # noqa: E402
 from qwenvl_fast.perf_monitor import RunMonitor, sync_device  # noqa: E402
-from qwenvl_fast.video import VideoClip, chunk_bounds  # noqa: E402
+from qwenvl_fast.vision import fast_preprocess  # noqa: E402
+from qwenvl_fast.vision.images import pixel_values_for  # noqa: E402
+from qwenvl_fast.vision.video import chunk_bounds  # noqa: E402
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -1889,7 +1890,7 @@ def render_json(args: argparse.Namespace) -> int:
     for entry in result["models"]:
         entry["rows"] = [Row(**r) for r in entry["rows"]]
     result["meta"].setdefault("notes", []).append(
-        f"tables re-rendered from the saved JSON (`python benchmark.py --render-json {args.render_json}`): "
+        f"tables re-rendered from the saved JSON (`python bench/benchmark.py --render-json {args.render_json}`): "
         "same measurements, current table layout")
     md = to_markdown(result, run_args)
     if args.markdown:
@@ -1910,7 +1911,8 @@ def main(argv: list[str] | None = None) -> int:
     device = ql.resolve_device(args.device)
     apply_defaults(args, device)
     budget = TimeBudget(args.time_budget)
-    command = "python benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python bench/benchmark.py " + " ".join(shlex.quote(a) for a in given)
     cache_dir = tempfile.mkdtemp(prefix="qwenvl-bench-cache-")
     os.environ["QWENVL_FAST_CACHE_DIR"] = cache_dir  # never touch the user's real cache
     caches._CACHES.clear()

@@ -2,7 +2,7 @@
 
 Both settings run in the same process against the same server, alternating, so the ratio is paired:
 
-    python benchmark_server.py --server-url http://127.0.0.1:8000/v1 --images 16 --in-flight 8 \\
+    python bench/server.py --server-url http://127.0.0.1:8000/v1 --images 16 --in-flight 8 \\
         --new-tokens 32 --repeats 3 --json docs/benchmark-server.json
 
 The images are deterministic noise, written to a temporary folder; answers have a fixed length
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pack_path  # noqa: E402
 
 pack_path.import_pack()

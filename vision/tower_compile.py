@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .perf_monitor import sync_device
+from ..perf_monitor import sync_device
 
 log = logging.getLogger("QwenVL-Fast")
 

@@ -12,8 +12,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import comfy_model_manager, embedding_cache, model_sources
-from . import qwenvl_loader as ql
+from .. import embedding_cache
+from .. import qwenvl_loader as ql
+from ..sources import models as model_sources
+from . import model_manager as comfy_model_manager
 
 log = logging.getLogger("QwenVL-Fast")
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
+from .. import quality_presets as qp
+from ..core.errors import QwenVLError
+from ..embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
+from ..perf_monitor import RunMonitor
+from ..sources.tf_compat import processor_size_limits
 from . import fast_preprocess
-from . import quality_presets as qp
-from .embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
-from .errors import QwenVLError
-from .perf_monitor import RunMonitor
-from .tf_compat import processor_size_limits
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,149 @@
+"""The pack's vocabulary: what a caller asks for and what it gets back, below every part that uses it.
+
+``LoadOptions`` (which model, how, where it answers), ``GenerationRequest`` / ``GenerationResult`` (one run),
+``VideoClip``, the choices and defaults they carry, and ``Backend``: what ``run_once`` asks of whatever answers
+(the local transformers engine, ``engine.model.QwenVLModel``, or an OpenAI-compatible server,
+``backends.openai_server.ServerModel``). This module imports nothing of the pack beyond the leaf
+``perf_monitor`` (for a type only), so every other part can import it without a circle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:  # a leaf module with no imports of the pack: no circle is possible
+    from ..perf_monitor import RunRecord
+
+DEFAULT_QUALITY = "balanced"
+BATCH_MODES = ["one prompt, all images", "one answer per image"]
+PREPROCESS_CHOICES = ["fast", "reference"]
+BACKENDS = ["local", "server"]
+UPLOAD_FORMATS = ["png", "jpeg"]
+DEFAULT_MAX_IN_FLIGHT = 8
+DEFAULT_MAX_FRAMES = 16
+DEFAULT_VIDEO_FPS = 24.0
+
+# "one answer per image": the answers are generated together, in batches of at most this many tokens (rows x
+# (longest prompt + max_new_tokens), what the KV cache holds at the end). 16k tokens of KV cache are ~0.6 GiB
+# for a 3B model and ~0.9 GiB for a 7B one in bf16; 0 (or any budget a single row exceeds) means one by one.
+ANSWER_BATCH_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model: str
+    quantization: str = "none"
+    attention_mode: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    compile_vision: str = "off"
+    compile_decode: str = "auto"  # static KV cache + torch.compile decode: auto (CUDA, where supported) or off
+    allow_absolute_path: bool = True
+    # backend "server": an OpenAI-compatible server answers instead (backends/); model is then unused.
+    backend: str = "local"
+    server_url: str = ""
+    server_model: str = ""
+    server_max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    server_upload_format: str = "png"
+    server_timeout_s: float = 300.0
+    server_retries: int = 3
+
+
+@dataclass
+class VideoClip:
+    """Frames ``[T, H, W, C]`` (a ComfyUI IMAGE batch) and the rate they were taken at."""
+
+    frames: torch.Tensor
+    fps: float = DEFAULT_VIDEO_FPS
+    # Indices of ``frames`` in the source video, when the caller already sampled (a decoder that kept only
+    # some frames); None means consecutive frames 0..T-1.
+    source_indices: list[int] | None = None
+    source_total: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    images: list[torch.Tensor] = field(default_factory=list)
+    # Video clips (vision/video.py): each through the model's video path, in the same prompt as the images.
+    videos: list[VideoClip] = field(default_factory=list)
+    max_frames: int = DEFAULT_MAX_FRAMES
+    system_prompt: str = ""
+    image_quality: str = DEFAULT_QUALITY
+    enable_image_cache: bool = True
+    disk_cache: bool = True
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    batch_mode: str = BATCH_MODES[0]
+    answer_batch_tokens: int = ANSWER_BATCH_TOKENS
+    preprocess: str = "fast"
+    monitor: bool = True
+    should_stop: Callable[[], bool] | None = None
+    on_progress: Callable[[int, int], None] | None = None
+    on_text: Callable[[str], None] | None = None
+    # Caption Folder's contract: an answer that fails on its own (a bad or cut-off server answer) is reported in
+    # ``GenerationResult.errors`` at its index instead of failing the whole request. Cancel and faults that hit
+    # every answer (server down, refused key) still raise.
+    per_answer_errors: bool = False
+
+    @classmethod
+    def from_inputs(cls, inputs: Mapping[str, Any], **overrides: Any) -> GenerationRequest:
+        """A request from a node's (or any caller's) keyword inputs: the fields it knows, the rest ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in inputs.items() if k in names}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    thinking: list[str]
+    record: RunRecord
+    token_ids: list[list[int]] = field(default_factory=list)
+    # One entry per answer when the request set ``per_answer_errors``: None, or why that answer has no text.
+    errors: list[str | None] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(self.texts)
+
+    def error_of(self, index: int) -> str | None:
+        return self.errors[index] if index < len(self.errors) else None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What ``run_once`` and the model manager ask of a loaded model, local or served."""
+
+    options: LoadOptions
+    usable: bool  # False once closed: the manager loads anew
+    is_remote: bool  # answers come from elsewhere: no weights here, no device memory to free
+    device: torch.device
+
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        """Answer one request; raises ``GenerationInterrupted`` on Cancel, ``QwenVLError`` with the fix otherwise."""
+        ...
+
+    def tips(self, record: RunRecord) -> list[str]:
+        """What the run's record suggests the user change (shown on the node)."""
+        ...
+
+    def param_bytes(self) -> int:
+        """Bytes of weights this backend holds in this process (0 when served elsewhere)."""
+        ...
+
+    def close(self) -> None:
+        """Free what it holds; ``usable`` becomes False."""
+        ...
