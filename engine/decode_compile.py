@@ -299,10 +299,16 @@ class DecodeCompile:
         self.cache = None
         self._cache_key = None
 
-    def release(self) -> None:
-        """Drop the static cache and the compiled call (the model is being unloaded)."""
+    def drop_compiled(self) -> None:
+        """After an out-of-memory error: the static cache and the compiled callable go (with the CUDA graphs it
+        recorded); the next call allocates and compiles anew. Compiled decode stays on."""
         self.drop_cache()
         self._guarded = None
+        self._guarded_config = None
+
+    def release(self) -> None:
+        """Drop the static cache and the compiled call (the model is being unloaded)."""
+        self.drop_compiled()
         model = self.model
         if model is not None:
             model.__dict__.pop("get_compiled_call", None)

@@ -357,7 +357,7 @@ def test_decode_bytes_per_token_counts_the_language_model_only(models_dir):
     import torch
 
     from conftest import load_tiny
-    from qwenvl_fast.engine import model as engine
+    from qwenvl_fast.engine import memory as engine
 
     model = load_tiny(models_dir, "tiny-qwen2.5-vl", dtype="fp32")
     net = model.model

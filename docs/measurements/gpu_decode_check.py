@@ -31,7 +31,7 @@ NOMINAL_GBS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "A
 def bandwidth_bytes_per_s(torch, device, override_gbs: float | None) -> tuple[float | None, str]:
     if override_gbs:
         return override_gbs * 1e9, "--bandwidth-gbs"
-    from qwenvl_fast.engine.model import device_memory_bandwidth
+    from qwenvl_fast.engine.memory import device_memory_bandwidth
 
     from_props = device_memory_bandwidth(device)
     if from_props:
@@ -45,7 +45,7 @@ def bandwidth_bytes_per_s(torch, device, override_gbs: float | None) -> tuple[fl
 
 def weight_bytes_per_token(model) -> tuple[int, int]:
     """(bytes of weights one decode step reads, vision tower bytes left out): engine.decode_bytes_per_token."""
-    from qwenvl_fast.engine.model import decode_bytes_per_token
+    from qwenvl_fast.engine.memory import decode_bytes_per_token
 
     return decode_bytes_per_token(model), sum(p.numel() * p.element_size() for p in model.visual.parameters())
 
