@@ -30,6 +30,7 @@ from .core.api import (
     BACKENDS,
     BATCH_MODES,
     PREPROCESS_CHOICES,
+    Backend,
     GenerationRequest,
     GenerationResult,
     LoadOptions,
@@ -37,11 +38,7 @@ from .core.api import (
 from .core.errors import GenerationInterrupted, ModelNotFoundError, QwenVLError
 from .embedding_cache import canonical_digest
 from .engine.decode_compile import DECODE_COMPILE_CHOICES
-from .engine.model import (
-    QwenVLModel,
-    expected_decode_tokens_per_s,
-    unquantized_bf16_bytes,
-)
+from .engine.model import QwenVLModel
 from .engine.prompting import split_thinking
 from .engine.runtime_choice import (
     ATTENTION_CHOICES,
@@ -160,12 +157,12 @@ class ModelManager:
     """
 
     def __init__(self) -> None:
-        self.current: QwenVLModel | None = None
+        self.current: Backend | None = None
         self._lock = threading.RLock()
         self.load_count = 0
         self.before_load: list[Callable[[LoadOptions], None]] = []
-        self.on_load: list[Callable[[QwenVLModel], None]] = []
-        self.on_release: list[Callable[[QwenVLModel], None]] = []
+        self.on_load: list[Callable[[Backend], None]] = []
+        self.on_release: list[Callable[[Backend], None]] = []
 
     @staticmethod
     def _call(hooks: list, arg: Any) -> None:
@@ -175,7 +172,7 @@ class ModelManager:
             except Exception:
                 log.exception("[QwenVL-Fast] model-manager hook %s failed", getattr(hook, "__name__", hook))
 
-    def get(self, options: LoadOptions) -> tuple[QwenVLModel, bool]:
+    def get(self, options: LoadOptions) -> tuple[Backend, bool]:
         """(model, loaded_now)."""
         with self._lock:
             if self.current is not None and self.current.options == options and self.current.usable:
@@ -230,30 +227,12 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
         rec.stages = {"load": load_s, **rec.stages}
         rec.total_s += load_s
     TIPS.observe(rec, request.enable_image_cache)
-    if isinstance(model, ServerModel):
-        rec.tips = model.tips(rec)
-    else:
-        rec.tips = TIPS.tips(_local_tip_context(model, options, rec))
+    rec.tips = model.tips(rec)
     if request.monitor:
         report(rec)
     if not keep_model_loaded:
         manager.release()
     return result
-
-
-def _local_tip_context(model: QwenVLModel, options: LoadOptions, rec: Any) -> Any:
-    gpu_total = None
-    if model.device.type == "cuda":
-        gpu_total = torch.cuda.get_device_properties(model.device).total_memory
-    return TIPS.context(
-        rec,
-        compile_requested=options.compile_vision == "on",
-        compile_unavailable_reason=(model.compile_report.reason if model.compile_report is not None
-                                    and not model.compile_report.enabled else None),
-        gpu_total_bytes=gpu_total,
-        model_bf16_bytes=unquantized_bf16_bytes(model) if options.quantization != "none" else None,
-        expected_decode_tokens_per_s=expected_decode_tokens_per_s(model),
-    )
 
 
 __all__ = [
