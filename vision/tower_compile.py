@@ -33,7 +33,8 @@ never replaced. The ``state_dict`` keys, hooks and module identity stay the same
 ``uncompile_vision_tower`` restores the eager tower exactly. The compiled call is wrapped: if
 compiling fails lazily (compilation happens at the first call, not in ``compile_vision_tower``),
 the call reruns eagerly. If eager succeeds, the whole tower goes back to eager with ONE log line.
-If eager fails too, the error was not the compiler's and it is raised.
+If eager fails too, the error was not the compiler's and it is raised. Out of memory is never
+taken for a compiler failure: it is raised as it is, for the engine's out-of-memory policy.
 
 Counting compilations: ``count_recompiles()`` reads ``torch._dynamo.utils.counters`` (frame
 compiles, graphs, graph breaks) and the ``recompile_reason`` of Dynamo's per-compile
@@ -361,6 +362,10 @@ def _guarded_call(compiled: Callable[..., Any], eager: Callable[..., Any], visua
             return eager(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            # Not the compiler's fault: an eager rerun that then fits would turn compiling off for good. The
+            # engine's one out-of-memory policy (engine.memory.free_after_oom) runs where the run catches it.
+            raise
         except Exception as exc:  # noqa: BLE001  (any compiler failure; the eager rerun sorts out the rest)
             # Rerun eagerly. If that works too, the compiler was at fault: go eager for good
             # (one log line). If it fails as well, the input was bad and the eager error is the
