@@ -65,7 +65,7 @@ from .runtime_choice import (
     resolve_device,
     resolve_dtype,
 )
-from .server_backend import BACKENDS, DEFAULT_MAX_IN_FLIGHT, ServerModel
+from .server_backend import BACKENDS, DEFAULT_MAX_IN_FLIGHT, ServerModel, stop_during_load
 from .weights_identity import folder_identity, synthetic_identity
 
 log = logging.getLogger("QwenVL-Fast")
@@ -227,7 +227,8 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
     """Load (or reuse) a model, run one request, report timings and tips; release if asked."""
     manager = manager or MANAGER
     t0 = time.perf_counter()
-    model, loaded_now = manager.get(options)
+    with stop_during_load(request.should_stop):  # Cancel also ends a server backend's load (its /models call)
+        model, loaded_now = manager.get(options)
     load_s = time.perf_counter() - t0
     try:
         result = model.run(request)
