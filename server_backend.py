@@ -1013,7 +1013,8 @@ class ServerModel:
             texts.append(answer)
             thoughts.append(thinking)
             rec.prompt_tokens += s.prompt_tokens
-            rec.new_tokens += s.completion_tokens if s.completion_tokens is not None else s.tokens
+            received = min(s.tokens, s.max_new_tokens)  # what a server sends past the cap is not kept
+            rec.new_tokens += s.completion_tokens if s.completion_tokens is not None else received
             mon.add("upload", s.upload_s)  # request sent until the server's first byte: upload + queue
             mon.add("prefill", s.first_token_s)
             mon.add("decode", s.decode_s)
