@@ -367,7 +367,7 @@ def _finish(path: Path, text: str, error: str | None, write_txt: bool, overwrite
     """One answer's result: written (or only captioned), or an error status that leaves the disk as it was."""
     if error:
         log.warning("[QwenVL-Fast] no caption for %s: %s", path, error)
-        return CaptionResult(path, "", f"error: {error}; nothing written")
+        return CaptionResult(path, "", f"error: the answer failed ({error}); nothing written")
     if not text.strip():
         # A 0-byte caption would look done: later runs would skip the file and a trainer would use no caption.
         log.warning("[QwenVL-Fast] %s: the model gave an empty answer; nothing written", path)

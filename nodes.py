@@ -371,7 +371,8 @@ class QwenVLFastCaptionFolder:
         except ql.GenerationInterrupted:
             comfy_glue.raise_interrupt()
             raise
-        _remember_run(key, before, _fingerprint_or_none(path, include_videos))
+        errors = any(r.status.startswith("error") for r in results)
+        _remember_run(key, before, _fingerprint_or_none(path, include_videos), errors)
         captions = [r.caption for r in results]
         files = [str(r.path) for r in results]
         summary = [f"{r.path.name}: {r.status}" for r in results]
@@ -379,9 +380,10 @@ class QwenVLFastCaptionFolder:
 
 
 # Caption Folder runs that finished: settings key -> (IS_CHANGED's value before the run, the folder's state after
-# it). The captions a run writes change the folder; without this, the next queue would run the whole folder
-# again (with overwrite on: every queue re-captions every file) although nothing changed but our own output.
-_CAPTION_RUNS: dict[str, tuple[str, str]] = {}
+# it, whether a file ended in an error). The captions a run writes change the folder; without this, the next queue
+# would run the whole folder again (with overwrite on: every queue re-captions every file) although nothing
+# changed but our own output.
+_CAPTION_RUNS: dict[str, tuple[str, str, bool]] = {}
 _CAPTION_RUNS_KEPT = 64
 _NOT_SETTINGS = ("qwenvl_model", "unique_id")
 
@@ -406,12 +408,14 @@ def _settings_key(settings: dict[str, Any]) -> str:
     return json.dumps(settings, sort_keys=True, default=repr)
 
 
-def _changed_value(key: str, fingerprint: str) -> str:
+def _changed_value(key: str, fingerprint: str) -> str | float:
     """IS_CHANGED's value: the folder's state with the settings, or, when the folder is as this node's last run
     with these settings left it, the value ComfyUI saw before that run (so its cached result is used)."""
-    before, after = _CAPTION_RUNS.get(key, (None, None))
+    before, after, errors = _CAPTION_RUNS.get(key, (None, None, False))
     if before is not None and fingerprint == after:
-        return before
+        # After errors, queueing again must retry: what failed (a read-only folder, a server's bad answer) may be
+        # fixed without any change the listing shows. Files already captioned are skipped, so a retry is cheap.
+        return float("nan") if errors else before
     return hashlib.sha256(f"{key}\0{fingerprint}".encode()).hexdigest()
 
 
@@ -422,12 +426,14 @@ def _fingerprint_or_none(path: Path, include_videos: bool) -> str | None:
         return None
 
 
-def _remember_run(key: str, before: str | None, after: str | None) -> None:
+def _remember_run(key: str, before: str | None, after: str | None, errors: bool) -> None:
     if before is None or after is None:
         return
     seen = _changed_value(key, before)  # computed before the pop: what IS_CHANGED told ComfyUI for this run
     _CAPTION_RUNS.pop(key, None)
-    _CAPTION_RUNS[key] = (seen, after)
+    if not isinstance(seen, str):  # it told a NaN, which nothing equals: any value makes the next queue run once
+        seen = hashlib.sha256(f"{key}\0{before}".encode()).hexdigest()
+    _CAPTION_RUNS[key] = (seen, after, errors)
     while len(_CAPTION_RUNS) > _CAPTION_RUNS_KEPT:
         _CAPTION_RUNS.pop(next(iter(_CAPTION_RUNS)))
 

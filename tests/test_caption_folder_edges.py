@@ -400,8 +400,8 @@ def test_an_answer_that_fails_on_its_own_is_that_files_error(echo, dirs):
     results = bc.caption_folder(served(echo), folder, request())
     got = statuses(results)
     assert got["a_ok.png"] == got["c_ok.png"] == "written"
-    assert got["b_cut.png"].startswith("error: ") and got["b_cut.png"].endswith("; nothing written")
-    assert "cut off" in got["b_cut.png"]
+    assert got["b_cut.png"] == f"error: the answer failed ({errors[0]}); nothing written"
+    assert "the answer was cut off" in errors[0]
     assert captions(results)["b_cut.png"] == ""
     assert not (folder / "b_cut.txt").exists()
 
@@ -511,6 +511,33 @@ def test_is_changed_follows_the_folder_and_the_settings_not_our_own_writes(model
         node().caption(qwenvl_model=handle, **{**widgets, "folder": "  "})
     with pytest.raises(ql.QwenVLError, match="is not a folder"):
         node().caption(qwenvl_model=handle, **{**widgets, "folder": str(folder / "missing")})
+
+
+def test_is_changed_retries_a_folder_whose_last_run_had_errors(echo, dirs):
+    from qwenvl_fast import nodes
+
+    folder, _ = dirs
+    solid(folder, "fine.png", BLUE)
+    solid(folder, "blank.png", RED)  # an empty answer: an error until the server answers it
+    node = nodes.QwenVLFastCaptionFolder
+    (handle,) = nodes.QwenVLFastLoadModel().load(
+        model="(served)", quantization="none", attention_mode="auto", dtype="auto", device="auto",
+        compile_vision="off", keep_model_loaded=True, backend="server", server_url=echo.url, server_max_in_flight=1)
+    widgets = dict(folder=str(folder), prompt="Retry.", image_quality="fast", max_new_tokens=16, write_txt=True,
+                   overwrite=False, seed=0)
+    first = node.IS_CHANGED(**widgets)
+    out = node().caption(qwenvl_model=handle, **widgets)
+    assert out["ui"]["text"] == ["blank.png: " + bc.EMPTY_ANSWER, "fine.png: written"]
+    retry = node.IS_CHANGED(**widgets)
+    assert retry != retry  # NaN: queueing again runs, although the listing shows nothing new
+    (folder / "blank.png").unlink()  # the fix: here, the file that gets no answer goes
+    out = node().caption(qwenvl_model=handle, **widgets)
+    assert out["ui"]["text"] == ["fine.png: skipped"]
+    settled = node.IS_CHANGED(**widgets)
+    assert isinstance(settled, str) and settled != first and node.IS_CHANGED(**widgets) == settled
+    node().caption(qwenvl_model=handle, **widgets)
+    assert node.IS_CHANGED(**widgets) == settled
+    ql.MANAGER.release()
 
 
 def test_is_changed_reads_no_file(dirs):
