@@ -473,7 +473,7 @@ def _is_corrupt_index_error(exc: BaseException) -> bool:
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+    if code is not None and (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
         return True
     return any(phrase in str(exc).lower() for phrase in _CORRUPT_PHRASES)
 
