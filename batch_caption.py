@@ -22,12 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from . import qwenvl_loader as ql
 from .engine import BATCH_MODES, GenerationRequest
 from .errors import QwenVLError
+from .images import load_image_file
 from .video import VIDEO_EXTENSIONS, load_video_file
 
 log = logging.getLogger("QwenVL-Fast")
@@ -64,17 +62,6 @@ def list_images(folder: Path, include_videos: bool = False) -> list[Path]:
         if p.suffix.lower() in extensions and p.is_file() and p.resolve().parent == root:
             files.append(p)
     return files
-
-
-def load_image_file(path: Path) -> torch.Tensor:
-    """A file as a ComfyUI-style float HWC tensor (RGBA kept, so alpha is composited like the node does)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-        arr = np.asarray(im, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).float() / 255.0
 
 
 def is_video_file(path: Path) -> bool:

@@ -80,7 +80,7 @@ from qwenvl_fast.engine import (  # noqa: E402
     decode_bytes_per_token,
     device_memory_bandwidth,
 )
-from qwenvl_fast.images import pixel_values_for  # noqa: E402
+from qwenvl_fast.images import load_image_file, pixel_values_for  # noqa: E402
 from qwenvl_fast.perf_monitor import RunMonitor, sync_device  # noqa: E402
 from qwenvl_fast.video import VideoClip, chunk_bounds  # noqa: E402
 
@@ -833,7 +833,7 @@ class ModelBench:
     def answers_each(self, files: list[Path]) -> None:
         """N images, one answer each: one batched generate (default answer_batch_tokens) vs one by one (0)."""
         k, t, q = int(self.args.answers_images), int(self.args.answers_new_tokens), self.args.answers_quality
-        imgs = [batch_caption.load_image_file(f) for f in files[:k]]
+        imgs = [load_image_file(f) for f in files[:k]]
         if len(imgs) != k:
             raise RuntimeError(f"{len(imgs)} images for {k} answers (--folder-images < --answers-images)")
         budgets = {"one_by_one": 0, "batched": ANSWER_BATCH_TOKENS}

@@ -28,7 +28,7 @@ from . import fast_preprocess
 from . import quality_presets as qp
 from .embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
 from .errors import QwenVLError
-from .images import ImageSpec, canonicalize_image, check_pixel_limit, max_image_pixels
+from .images import ImageSpec, ImageTooLargeError, canonicalize_image, check_pixel_limit, max_image_pixels
 from .perf_monitor import RunMonitor
 
 log = logging.getLogger("QwenVL-Fast")
@@ -76,6 +76,8 @@ def as_clip(video: Any, fps: float | None = None, max_frames: int | None = None)
     if max_frames and hasattr(video, "get_stream_source"):
         try:
             return load_video_file(video.get_stream_source(), int(max_frames))
+        except ImageTooLargeError:
+            raise  # ComfyUI's own decoding would cost what the limit is there to prevent
         except QwenVLError as exc:  # a stream PyAV cannot read here: ComfyUI's own decoding
             log.warning("[QwenVL-Fast] %s; decoding the whole VIDEO instead", exc)
     if hasattr(video, "get_components"):  # ComfyUI's VIDEO (comfy_api VideoInput): frames + frame rate

@@ -28,6 +28,7 @@ from conftest import TINY_FAMILIES
 from qwenvl_fast import batch_caption as bc
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast import server_backend as sb
+from qwenvl_fast.images import load_image_file
 
 FAMILY = "tiny-qwen2.5-vl" if "tiny-qwen2.5-vl" in TINY_FAMILIES else TINY_FAMILIES[0]
 
@@ -392,7 +393,7 @@ def test_an_answer_that_fails_on_its_own_is_that_files_error(echo, dirs):
     solid(folder, "b_cut.png", PURPLE)
     solid(folder, "c_ok.png", (0, 100, 100))
     try:
-        errors = ql.run_once(served(echo), request(images=[bc.load_image_file(folder / "b_cut.png")],
+        errors = ql.run_once(served(echo), request(images=[load_image_file(folder / "b_cut.png")],
                                                    per_answer_errors=True)).errors
     except sb.ServerError:
         pytest.skip("the server backend does not report per-answer errors yet (GenerationResult.errors)")

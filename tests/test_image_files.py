@@ -157,6 +157,24 @@ def test_a_huge_png_renamed_mp4_is_refused_before_decoding(huge_png, tmp_path, m
     assert torch.equal(clip.frames[0], torch.from_numpy(random_rgb(48, 64)))
 
 
+def test_a_file_backed_video_over_the_limit_is_not_decoded_by_comfyui_instead(huge_png, tmp_path):
+    """A VIDEO input (Load Video) whose frames are over the limit is refused; ComfyUI's whole-clip decode, the
+    fallback for streams PyAV cannot read, is never called for it."""
+    pytest.importorskip("av")
+    fake = tmp_path / "clip.mp4"
+    shutil.copy(huge_png, fake)
+
+    class FileVideo:  # the two methods of ComfyUI's VideoInput that as_clip uses
+        def get_stream_source(self):
+            return str(fake)
+
+        def get_components(self):
+            raise AssertionError("ComfyUI's whole-clip decode was called for a frame over the limit")
+
+    with pytest.raises(images.ImageTooLargeError):
+        video.as_clip(FileVideo(), max_frames=16)
+
+
 def test_a_real_video_over_the_limit_is_refused(tmp_path, monkeypatch):
     av = pytest.importorskip("av")
     path = tmp_path / "clip.mkv"
