@@ -490,12 +490,12 @@ def _sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any] | Non
             # Invalid UTF-8 survives as surrogate escapes, to be decoded once, across events, with replacement.
             event = json.loads(data.decode("utf-8", "surrogateescape"))
         except ValueError:
-            raise AnswerError(f"sent an event that is not JSON ({_clip(data.decode('utf-8', 'replace'), 80)})"
-                              ) from None
+            raise AnswerError(f"sent an event that is not JSON "
+                              f"({_clip(redact(data.decode('utf-8', 'replace')), 80)})") from None
         if not isinstance(event, dict):
             raise AnswerError("sent an event that is not a JSON object")
         if event.get("error"):
-            raise AnswerError(f"reported an error mid-answer: {_error_text(data)}")
+            raise AnswerError(f"reported an error mid-answer: {redact(_error_text(data))}")
         yield event
 
 
@@ -624,7 +624,10 @@ class ServerModel:
         if abort.reason == "deadline" or isinstance(exc, TimeoutError):
             return self._deadline_error(what, limit)
         if isinstance(exc, QwenVLError):
-            return type(exc)(*exc.args)
+            message = str(exc)
+            if isinstance(exc, AnswerError) and self.endpoint.url not in message:
+                message = f"The server at {self.endpoint.url} {message}"  # the stream parser's words name no URL
+            return type(exc)(message)
         if isinstance(exc, http.client.HTTPException) and not isinstance(exc, ConnectionError):
             # Its text is the server's raw bytes (a status line that may echo the Authorization header).
             return AnswerError(f"The server at {self.endpoint.url} sent something that is not an HTTP answer "
@@ -947,7 +950,7 @@ class ServerModel:
             data = json.loads(body.decode("utf-8", "replace"))
         except ValueError:
             raise AnswerError(f"The server at {url} answered with invalid JSON "
-                              f"({_clip(body.decode('utf-8', 'replace'), 80)}).") from None
+                              f"({_clip(redact(body.decode('utf-8', 'replace')), 80)}).") from None
         choices = data.get("choices") if isinstance(data, dict) else None
         choice = choices[0] if isinstance(choices, list) and choices else None
         message = choice.get("message") if isinstance(choice, dict) else None
