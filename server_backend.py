@@ -668,8 +668,9 @@ class ServerModel:
         try:
             return json.loads(body.decode("utf-8", "replace"))
         except ValueError:
-            raise ServerError(f"{self.endpoint.url}{path} did not answer JSON: is server_url the OpenAI-compatible "
-                              "base URL (ending in /v1)?") from None
+            pass  # raised below, outside this block: the decoder's error holds the whole body
+        raise ServerError(f"{self.endpoint.url}{path} did not answer JSON: is server_url the OpenAI-compatible base "
+                          "URL (ending in /v1)?")
 
     def list_models(self, should_stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
         url = self.endpoint.url
