@@ -23,7 +23,8 @@ import pack_path  # noqa: E402
 pack_path.import_pack()
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
-from qwenvl_fast.batch_caption import load_image_file, load_video_file  # noqa: E402
+from qwenvl_fast.vision.images import load_image_file  # noqa: E402
+from qwenvl_fast.vision.video import load_video_file  # noqa: E402
 
 DEFAULT_MODEL = "synthetic:qwen2.5-vl-3b@2"
 log = logging.getLogger("QwenVL-Fast")

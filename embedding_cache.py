@@ -6,9 +6,11 @@ Two tiers:
 - disk: persistent across restarts and processes, bounded in bytes with LRU eviction
   (``diskcache``, which handles the index, eviction and cross-process locking with SQLite).
   Values are raw safetensors bytes: nothing is ever pickled or unpickled, and every entry is
-  checked on read (key, format, shapes, rows against grid and merge size); a truncated, corrupt or
-  foreign entry is dropped and recomputed. A locked database skips one read or write; only a real
-  fault turns the tier off.
+  checked on read: a checksum of its tensor data and header bound to its own key, then key, format,
+  shapes, rows against grid and merge size. A flipped byte, a truncated file or another key's entry is
+  dropped and recomputed. A corrupt index (``cache.db``) is moved aside and the tier starts afresh. A
+  locked database skips one read or write; only a real fault (read-only folder, full disk, no
+  diskcache) turns the tier off.
 
 Before either tier, ``DigestMemo`` maps an exact hash of an image tensor's raw bytes (xxh3_128) to
 its canonical digest, so a repeated image skips canonicalisation and MD5.
@@ -33,6 +35,7 @@ import sqlite3
 import struct
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +46,9 @@ import torch
 
 log = logging.getLogger("QwenVL-Fast")
 
-CACHE_FORMAT_VERSION = 1
+# 2: entries carry a checksum (``CHECKSUM_FIELD``). The version is part of every key, so version-1 entries are
+# never looked up again; they age out of the LRU.
+CACHE_FORMAT_VERSION = 2
 DEFAULT_MEMORY_BYTES = 1 << 30  # 1 GiB: about 250 balanced Qwen2.5-VL-3B images in bf16
 DEFAULT_DISK_BYTES = 4 << 30  # 4 GiB
 CACHE_DIR_ENV = "QWENVL_FAST_CACHE_DIR"
@@ -319,8 +324,71 @@ def merge_size_of(rows: int, grid: tuple[int, ...]) -> int:
     return merge
 
 
+CHECKSUM_FIELD = "checksum"  # in the safetensors metadata: "<algorithm>:<hex digest>"
+_CHECKSUM_DOMAIN = b"qwenvl-fast embedding entry\0"
+
+
+def _new_checksum(algorithm: str) -> Any:
+    """An incremental hasher for an entry checksum; ValueError for an algorithm this install cannot compute."""
+    if algorithm == "xxh3_128":
+        try:
+            import xxhash
+        except ImportError as exc:
+            raise ValueError("entry checksum is xxh3_128 and xxhash is not installed") from exc
+        return xxhash.xxh3_128()  # unseeded: the value must be the same in every process
+    if algorithm == "blake2b_128":
+        return hashlib.blake2b(digest_size=16)
+    raise ValueError(f"unknown entry checksum {algorithm!r}")
+
+
+def _checksum_algorithm() -> str:
+    """xxh3_128 when xxhash is installed (memory speed: a 16 MiB entry in about 1 ms), else blake2b_128.
+
+    The checksum guards against damage (a flipped bit, a torn write, another key's bytes), not against an
+    attacker who can write the cache folder: such a person can write any entry with a valid checksum anyway.
+    """
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return "blake2b_128"
+    return "xxh3_128"
+
+
+def _split_entry(blob: bytes | memoryview) -> tuple[dict, memoryview]:
+    """A safetensors blob's parsed header and its data section (no copy); ValueError when truncated."""
+    if len(blob) < 8:
+        raise ValueError("truncated entry")
+    (header_len,) = struct.unpack("<Q", bytes(blob[:8]))
+    if header_len <= 0 or 8 + header_len > len(blob):
+        raise ValueError("truncated header")
+    try:
+        header = json.loads(bytes(blob[8:8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError("unreadable header (not an object)")
+    return header, memoryview(blob)[8 + header_len:]
+
+
+def entry_checksum(key: str, header: dict, data: bytes | memoryview, algorithm: str) -> str:
+    """``"<algorithm>:<hex>"`` over the key, the header (without its checksum) and the tensor data.
+
+    Binding the key means another key's intact entry, moved under this key, fails the check; hashing the
+    header too means a changed shape, dtype, offset, grid or merge size fails it, not only a changed value.
+    The header is hashed in a canonical form (sorted keys, no spaces), so its padding does not matter.
+    """
+    meta = dict(header.get("__metadata__") or {})
+    meta.pop(CHECKSUM_FIELD, None)
+    canonical = json.dumps({**header, "__metadata__": meta}, sort_keys=True, separators=(",", ":"))
+    h = _new_checksum(algorithm)
+    for part in (_CHECKSUM_DOMAIN, key.encode(), b"\0", canonical.encode(), b"\0", data):
+        h.update(part)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
 def serialize_embedding(key: str, item: ImageEmbedding) -> bytes:
-    """Raw safetensors bytes with the key, format, grid and merge size; ValueError if rows and grid disagree."""
+    """Raw safetensors bytes with the key, format, grid, merge size and checksum; ValueError if rows and grid
+    disagree."""
     from safetensors.torch import save
 
     if item.embeds.dim() != 2:
@@ -336,22 +404,33 @@ def serialize_embedding(key: str, item: ImageEmbedding) -> bytes:
         "merge": str(merge_size_of(int(item.embeds.shape[0]), tuple(item.grid))),
         "deepstack_levels": str(len(item.deepstack)),
     }
+    # Saved twice: the checksum covers the header that safetensors writes (offsets, dtypes, shapes), which
+    # only exists once saved. A put happens after a vision-tower run, so the second copy is noise.
+    header, data = _split_entry(save(tensors, metadata=meta))
+    meta[CHECKSUM_FIELD] = entry_checksum(key, header, data, _checksum_algorithm())
     return save(tensors, metadata=meta)
 
 
-def deserialize_embedding(key: str, blob: bytes) -> ImageEmbedding:
-    """Parse and check an entry; raises ValueError for anything that is not exactly ours."""
+def deserialize_embedding(key: str, blob: bytes, require_checksum: bool = False) -> ImageEmbedding:
+    """Parse and check an entry; raises ValueError for anything that is not exactly ours.
+
+    A checksum, when the entry has one, must match. ``require_checksum`` (the disk tier's reads) also refuses
+    an entry without one; entries forged in tests and hand-made tools can leave it out.
+    """
     from safetensors.torch import load
 
-    if len(blob) < 8:
-        raise ValueError("truncated entry")
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    if header_len <= 0 or 8 + header_len > len(blob):
-        raise ValueError("truncated header")
-    header = json.loads(blob[8:8 + header_len])
+    header, data = _split_entry(blob)
     meta = header.get("__metadata__") or {}
     if meta.get("key") != key or meta.get("format") != str(CACHE_FORMAT_VERSION):
         raise ValueError("foreign entry (key or format mismatch)")
+    stored = meta.get(CHECKSUM_FIELD)
+    if stored is None:
+        if require_checksum:
+            raise ValueError("entry has no checksum")
+    elif not isinstance(stored, str) or ":" not in stored:
+        raise ValueError("malformed checksum")
+    elif entry_checksum(key, header, data, stored.split(":", 1)[0]) != stored:
+        raise ValueError("checksum mismatch (the entry's bytes changed after it was written)")
     tensors = load(blob)
     grid = tuple(int(v) for v in json.loads(meta["grid"]))
     levels = int(meta["deepstack_levels"])
@@ -384,10 +463,49 @@ def _is_busy(exc: BaseException) -> bool:
     return isinstance(exc, diskcache.Timeout)
 
 
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_CORRUPT_PHRASES = ("file is not a database", "database disk image is malformed", "malformed database")
+INDEX_FILE = "cache.db"  # diskcache's SQLite index in the cache folder
+
+
+def _is_corrupt_index_error(exc: BaseException) -> bool:
+    """SQLite saying the index file itself is damaged ("file is not a database", "... is malformed")."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None and (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return True
+    return any(phrase in str(exc).lower() for phrase in _CORRUPT_PHRASES)
+
+
+def _is_entry_file(path: Path, root: Path) -> bool:
+    """diskcache's value-file layout, ``xx/yy/<28 hex>.val``: the only files a reset may delete."""
+    parts = path.relative_to(root).parts
+    hexdigits = set("0123456789abcdef")
+    return (len(parts) == 3 and parts[2].endswith(".val") and len(parts[2]) == 32
+            and all(len(p) == 2 and set(p) <= hexdigits for p in parts[:2]) and set(parts[2][:-4]) <= hexdigits)
+
+
+def _disable_hint(exc: BaseException | None) -> str:
+    """What the user can do about a disk tier that could not work."""
+    if isinstance(exc, ImportError):
+        return "Install diskcache (pip install diskcache) to enable it."
+    text = str(exc).lower() if exc is not None else ""
+    errno_ = getattr(exc, "errno", None)
+    if errno_ == 28 or "disk is full" in text or "no space" in text:
+        return f"Free some disk space, or set {CACHE_DIR_ENV} to a folder on another disk, to re-enable."
+    if (isinstance(exc, (PermissionError, FileExistsError, NotADirectoryError)) or errno_ in (1, 13, 30)
+            or "readonly" in text or "read-only" in text or "unable to open database file" in text):
+        return f"Set {CACHE_DIR_ENV} to a writable folder to re-enable."
+    return f"Check the folder's disk, or set {CACHE_DIR_ENV} to another folder, to re-enable."
+
+
 class DiskTier:
     """Persistent tier. A real I/O fault disables it for the process with one warning; runs continue.
 
-    A busy database ("database is locked": another process writing) only skips that read or write.
+    A busy database ("database is locked": another process writing) only skips that read or write. A corrupt
+    index (``cache.db`` that SQLite calls "not a database" or "malformed", and that fails its own
+    ``quick_check``) is moved aside once per tier, with its -wal and -shm, and the tier starts afresh.
     """
 
     def __init__(self, directory: str | Path | None = None, max_bytes: int = DEFAULT_DISK_BYTES,
@@ -396,6 +514,8 @@ class DiskTier:
         self.max_bytes = int(max_bytes)
         self.timeout = float(timeout)  # SQLite's busy timeout, seconds
         self.busy = 0  # reads and writes skipped because the database was locked
+        self.corrupt = 0  # entries dropped because a check failed (checksum, key, format, shapes)
+        self.index_resets = 0  # corrupt indexes moved aside (at most one per tier)
         self._cache = None
         self._failed: str | None = None
 
@@ -403,24 +523,114 @@ class DiskTier:
     def available(self) -> bool:
         return self._failed is None
 
+    def _new_cache(self):
+        import diskcache
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return diskcache.Cache(
+            str(self.directory),
+            size_limit=self.max_bytes,
+            eviction_policy="least-recently-used",
+            disk=_bytes_only_disk_class(),
+            timeout=self.timeout,
+            disk_min_file_size=0,  # every entry is its own file: volume accounting stays exact
+        )
+
     def _open(self):
         if self._cache is None and self._failed is None:
-            try:
-                import diskcache
-
-                self.directory.mkdir(parents=True, exist_ok=True)
-                self._cache = diskcache.Cache(
-                    str(self.directory),
-                    size_limit=self.max_bytes,
-                    eviction_policy="least-recently-used",
-                    disk=_bytes_only_disk_class(),
-                    timeout=self.timeout,
-                    disk_min_file_size=0,  # every entry is its own file: volume accounting stays exact
-                )
-            except Exception as exc:  # read-only folder, no diskcache, broken database
-                if not self._busy(exc, "open", None):
-                    self._disable(f"cannot open {self.directory}: {exc}")
+            failure = self._try_open()
+            # Outside the except block, so the half-opened diskcache (held by the traceback) is gone before the
+            # index is renamed: Windows cannot rename an open file.
+            if failure is not None and self._reset_corrupt_index(failure):
+                failure = self._try_open()
+            if failure is not None and not self._busy(failure, "open", None):
+                self._disable(f"cannot open {self.directory}: {failure}", failure)
         return self._cache
+
+    def _try_open(self) -> BaseException | None:
+        try:
+            self._cache = self._new_cache()
+        except Exception as exc:  # read-only folder, no diskcache, corrupt index
+            return _without_traceback(exc)
+        return None
+
+    def _index_fails_its_check(self) -> bool:
+        """Whether SQLite itself finds ``cache.db`` damaged (``PRAGMA quick_check`` fails or cannot run).
+
+        Asked before moving the index aside, so that an error that only looks like corruption (an I/O fault,
+        a bug) never costs the user their cache.
+        """
+        index = self.directory / INDEX_FILE
+        if not index.is_file():
+            return False
+        try:
+            con = sqlite3.connect(str(index), timeout=self.timeout)
+            try:
+                rows = con.execute("PRAGMA quick_check").fetchall()
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as exc:
+            return _is_corrupt_index_error(exc)
+        return rows != [("ok",)]
+
+    def _reset_corrupt_index(self, exc: BaseException) -> bool:
+        """Move a corrupt index aside and drop the entry files it listed; True when the tier may start afresh."""
+        if self.index_resets or not _is_corrupt_index_error(exc) or not self._index_fails_its_check():
+            return False
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            try:
+                cache.close()
+            except Exception:
+                pass
+        index = self.directory / INDEX_FILE
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = index.with_name(f"{INDEX_FILE}.corrupt-{stamp}")
+        n = 1
+        while moved.exists():
+            moved = index.with_name(f"{INDEX_FILE}.corrupt-{stamp}-{n}")
+            n += 1
+        started = time.time()
+        try:
+            os.replace(index, moved)
+            # The write-ahead log belongs to the old file: left in place, SQLite would replay it into the new one.
+            for suffix in ("-wal", "-shm"):
+                side = index.with_name(INDEX_FILE + suffix)
+                if side.exists():
+                    os.replace(side, moved.with_name(moved.name + suffix))
+        except OSError as err:
+            log.debug("[QwenVL-Fast] could not move the corrupt disk-cache index aside: %s", err)
+            return False
+        self.index_resets += 1
+        removed = self._remove_unlisted_entry_files(before=started)
+        log.warning("[QwenVL-Fast] the disk embedding cache's index %s was corrupt (%s); moved it to %s and "
+                    "started a fresh cache in the same folder (%d entry files it listed removed; their "
+                    "embeddings are recomputed when next needed)", index, exc, moved, removed)
+        return True
+
+    def _remove_unlisted_entry_files(self, before: float) -> int:
+        """Entry files of the moved index: nothing lists them any more, so nothing would ever evict them.
+
+        Only diskcache's own ``xx/yy/<hex>.val`` files older than the reset go, so a file that another process
+        wrote into a fresh index meanwhile stays.
+        """
+        removed = 0
+        for path in self.directory.glob("??/??/*.val"):
+            try:
+                if _is_entry_file(path, self.directory) and path.stat().st_mtime < before:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        hexdigits = set("0123456789abcdef")
+        subdirs = [d for d in self.directory.glob("??/??") if set(d.parent.name + d.name) <= hexdigits]
+        subdirs += [d for d in self.directory.glob("??") if set(d.name) <= hexdigits]
+        for sub in subdirs:  # deepest first
+            try:
+                sub.rmdir()  # only succeeds when empty
+            except OSError:
+                pass
+        return removed
 
     def _busy(self, exc: BaseException, what: str, stats: CacheStats | None) -> bool:
         """True (and counted, logged once) when ``exc`` is a locked database: skip, keep the tier on."""
@@ -434,10 +644,10 @@ class DiskTier:
                 what, str(exc) or type(exc).__name__, what)
         return True
 
-    def _disable(self, why: str) -> None:
+    def _disable(self, why: str, exc: BaseException | None = None) -> None:
         if self._failed is None:
             log.warning("[QwenVL-Fast] disk embedding cache disabled for this session (%s); runs continue "
-                        "without it. Set %s to a writable folder to re-enable.", why, CACHE_DIR_ENV)
+                        "without it. %s", why, _disable_hint(exc))
         self._failed = why
         cache, self._cache = self._cache, None
         if cache is not None:
@@ -446,28 +656,45 @@ class DiskTier:
             except Exception:
                 pass
 
+    def _fault(self, exc: BaseException, what: str, stats: CacheStats | None) -> bool:
+        """A read or write failed: skip it when busy, start afresh when the folder is gone or the index is
+        corrupt, else disable. True when the tier starts afresh (a write may retry once).
+        """
+        if self._busy(exc, what, stats):
+            return False
+        if stats is not None:
+            stats.disk_errors += 1
+        if not self.directory.exists():
+            self._cache = None  # folder deleted while running: recreated on the next open
+            return True
+        if self._reset_corrupt_index(exc):
+            return True
+        self._disable(f"{what} failed: {exc}", exc)
+        return False
+
     def get(self, key: str, stats: CacheStats | None = None) -> ImageEmbedding | None:
         cache = self._open()
         if cache is None:
             return None
+        failure: BaseException | None = None
         try:
             blob = cache.get(key, default=None)
         except ValueError:  # a pickled value written by someone else: never loaded
             blob = b""
         except Exception as exc:
-            if self._busy(exc, "read", stats):
-                return None
-            if not self.directory.exists():
-                self._cache = None  # folder deleted while running: recreate on the next write
-                return None
-            self._disable(f"read failed: {exc}")
+            failure = _without_traceback(exc)
+        if failure is not None:
+            self._fault(failure, "read", stats)
             return None
         if blob is None:
             return None
         try:
-            return deserialize_embedding(key, blob)
+            return deserialize_embedding(key, blob, require_checksum=True)
         except Exception as exc:
-            log.warning("[QwenVL-Fast] discarded a corrupt disk-cache entry (%s); it will be recomputed", exc)
+            self.corrupt += 1
+            # Expected after a crash or a bad disk sector, and handled: recomputed and written again.
+            level = logging.INFO if self.corrupt == 1 else logging.DEBUG
+            log.log(level, "[QwenVL-Fast] dropped a damaged disk-cache entry (%s); it will be recomputed", exc)
             if stats is not None:
                 stats.corrupt_entries += 1
             try:
@@ -485,22 +712,23 @@ class DiskTier:
         except ValueError as exc:  # rows that fit no grid: an engine bug, never written
             log.warning("[QwenVL-Fast] embedding not written to the disk cache: %s", exc)
             return
+        failure: BaseException | None = None
+        try:
+            cache.set(key, blob)
+            return
+        except Exception as exc:
+            failure = _without_traceback(exc)
+        if not self._fault(failure, "write", stats):
+            return
+        cache = self._open()  # a fresh index (reset) or a recreated folder: one more try
+        if cache is None:
+            return
         try:
             cache.set(key, blob)
         except Exception as exc:
-            if self._busy(exc, "write", stats):
-                return
-            if not self.directory.exists():
-                # Deleted while running: start again in a fresh folder rather than give up.
-                self._cache = None
-                try:
-                    self._open()
-                    if self._cache is not None:
-                        self._cache.set(key, blob)
-                        return
-                except Exception:
-                    pass
-            self._disable(f"write failed: {exc}")
+            failure = _without_traceback(exc)
+            if not self._busy(failure, "write", stats):
+                self._disable(f"write failed: {failure}", failure)
 
     def volume(self) -> int:
         cache = self._open()
@@ -534,6 +762,14 @@ class DiskTier:
                 self._cache.close()
             finally:
                 self._cache = None
+
+
+def _without_traceback(exc: BaseException) -> BaseException:
+    """The exception without its traceback, whose frames would keep a half-opened diskcache (and its open
+    SQLite file) alive."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    return exc
 
 
 class EmbeddingCache:
@@ -591,4 +827,5 @@ class EmbeddingCache:
             "disk_entries": self.disk.count() if self.disk is not None else 0,
             "disk_bytes": self.disk.volume() if self.disk is not None else 0,
             "disk_limit_bytes": self.disk.max_bytes if self.disk is not None else 0,
+            "disk_index_resets": self.disk.index_resets if self.disk is not None else 0,
         }

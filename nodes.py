@@ -7,6 +7,7 @@ manager, interrupt, progress) is in ``comfy_glue.py``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from . import quality_presets as qp
 from . import qwenvl_loader as ql
-from .batch_caption import caption_folder
+from .batch_caption import caption_folder, folder_fingerprint
 from .comfyui_host import glue as comfy_glue
 from .core.api import BACKENDS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_VIDEO_FPS, UPLOAD_FORMATS, VideoClip
 from .embedding_cache import CACHE_DIR_ENV
@@ -335,22 +336,106 @@ class QwenVLFastCaptionFolder:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def IS_CHANGED(cls, **inputs: Any) -> str | float:
+        """The folder's state and the settings, so that ComfyUI runs the node again when either changed.
+
+        Without it ComfyUI served its cached result for an unchanged workflow, so images added to the folder
+        were never captioned. Stat calls only (``folder_fingerprint``). ComfyUI passes the widget values; the
+        model link is absent or None here and is left out (ComfyUI tracks the upstream node itself). What this
+        node's own last run wrote does not count as a change (see ``_remember_run``). A folder that cannot be
+        listed gives a new NaN, unequal to everything, so the run happens and fails with the clear error.
+        """
+        try:
+            settings = _caption_settings(inputs)
+            now = folder_fingerprint(_folder_path(inputs.get("folder")), bool(settings["include_videos"]))
+        except Exception as exc:  # IS_CHANGED must not raise: ComfyUI would only log it
+            log.debug("[QwenVL-Fast] Caption Folder IS_CHANGED: %s", exc)
+            return float("nan")
+        return _changed_value(_settings_key(settings), now)
+
     def caption(self, qwenvl_model: QwenVLHandle, folder: str, write_txt: bool, overwrite: bool,
                 unique_id: str | None = None, include_videos: bool = False, **inputs: Any) -> dict[str, Any]:
         handle = _handle(qwenvl_model)
+        path = _folder_path(folder)
+        settings = _caption_settings(dict(inputs, folder=folder, write_txt=write_txt, overwrite=overwrite,
+                                          include_videos=include_videos))
+        key = _settings_key(settings)
+        before = _fingerprint_or_none(path, include_videos)
         on_progress, _ = comfy_glue.progress_callbacks(unique_id)
         request = ql.GenerationRequest.from_inputs(inputs, should_stop=comfy_glue.interrupted)
         try:
-            results = caption_folder(handle.options, Path(folder), request, write_txt=write_txt, overwrite=overwrite,
+            results = caption_folder(handle.options, path, request, write_txt=write_txt, overwrite=overwrite,
                                      keep_model_loaded=handle.keep_model_loaded, on_file=on_progress,
                                      include_videos=include_videos)
         except ql.GenerationInterrupted:
             comfy_glue.raise_interrupt()
             raise
+        errors = any(r.status.startswith("error") for r in results)
+        _remember_run(key, before, _fingerprint_or_none(path, include_videos), errors)
         captions = [r.caption for r in results]
         files = [str(r.path) for r in results]
         summary = [f"{r.path.name}: {r.status}" for r in results]
         return {"ui": {"text": summary or ["no images found"]}, "result": (captions, files)}
+
+
+# Caption Folder runs that finished: settings key -> (IS_CHANGED's value before the run, the folder's state after
+# it, whether a file ended in an error). The captions a run writes change the folder; without this, the next queue
+# would run the whole folder again (with overwrite on: every queue re-captions every file) although nothing
+# changed but our own output.
+_CAPTION_RUNS: dict[str, tuple[str, str, bool]] = {}
+_CAPTION_RUNS_KEPT = 64
+_NOT_SETTINGS = ("qwenvl_model", "unique_id")
+
+
+def _folder_path(folder: Any) -> Path:
+    """The folder widget as a path; an empty one is an error (Path("") is the working directory: ComfyUI's own)."""
+    text = str(folder or "").strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()  # "Copy as path" on Windows adds quotes
+    if not text:
+        raise ql.QwenVLError("Caption Folder needs a folder: give the full path of the folder to caption.")
+    return Path(text)
+
+
+def _caption_settings(inputs: dict[str, Any]) -> dict[str, Any]:
+    settings = {k: v for k, v in inputs.items() if k not in _NOT_SETTINGS}
+    settings.setdefault("include_videos", False)  # workflows saved before the input existed
+    return settings
+
+
+def _settings_key(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, sort_keys=True, default=repr)
+
+
+def _changed_value(key: str, fingerprint: str) -> str | float:
+    """IS_CHANGED's value: the folder's state with the settings, or, when the folder is as this node's last run
+    with these settings left it, the value ComfyUI saw before that run (so its cached result is used)."""
+    before, after, errors = _CAPTION_RUNS.get(key, (None, None, False))
+    if before is not None and fingerprint == after:
+        # After errors, queueing again must retry: what failed (a read-only folder, a server's bad answer) may be
+        # fixed without any change the listing shows. Files already captioned are skipped, so a retry is cheap.
+        return float("nan") if errors else before
+    return hashlib.sha256(f"{key}\0{fingerprint}".encode()).hexdigest()
+
+
+def _fingerprint_or_none(path: Path, include_videos: bool) -> str | None:
+    try:
+        return folder_fingerprint(path, include_videos)
+    except Exception:  # a missing folder: caption_folder says so clearly
+        return None
+
+
+def _remember_run(key: str, before: str | None, after: str | None, errors: bool) -> None:
+    if before is None or after is None:
+        return
+    seen = _changed_value(key, before)  # computed before the pop: what IS_CHANGED told ComfyUI for this run
+    _CAPTION_RUNS.pop(key, None)
+    if not isinstance(seen, str):  # it told a NaN, which nothing equals: any value makes the next queue run once
+        seen = hashlib.sha256(f"{key}\0{before}".encode()).hexdigest()
+    _CAPTION_RUNS[key] = (seen, after, errors)
+    while len(_CAPTION_RUNS) > _CAPTION_RUNS_KEPT:
+        _CAPTION_RUNS.pop(next(iter(_CAPTION_RUNS)))
 
 
 def _handle(value: Any) -> QwenVLHandle:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .backends.openai_server import ServerModel
+from .backends.openai_server import ServerModel, stop_during_load
 from .caches import clear_memory_caches, get_cache
 from .core.api import (
     BACKENDS,
@@ -208,7 +208,8 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
     """Load (or reuse) a model, run one request, report timings and tips; release if asked."""
     manager = manager or MANAGER
     t0 = time.perf_counter()
-    model, loaded_now = manager.get(options)
+    with stop_during_load(request.should_stop):  # Cancel also ends a server backend's load (its /models call)
+        model, loaded_now = manager.get(options)
     load_s = time.perf_counter() - t0
     try:
         result = model.run(request)

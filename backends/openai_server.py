@@ -5,33 +5,44 @@ model stands: ``run_once`` gives it the same :class:`~engine.GenerationRequest`,
 
 1. applies the quality preset *before upload*: each image is resized to the preset's token budget for the
    served family's patch size and sent as PNG (or JPEG), so tokens, upload bytes and server compute shrink
-   as they do locally (``native`` sends the original). Encoded uploads are memoised by image digest and size;
-   reuse of the image's embedding and of the prompt prefix is the server's own business (vLLM's encoder and
-   prefix caches);
-2. streams the answer (server-sent events) for per-token progress and partial text; Cancel closes the
-   stream, which makes the server abort the request;
+   as they do locally (``native`` sends the original). Encoded uploads are memoised by image digest and size
+   (at most ``UPLOAD_MEMO_BYTES``); reuse of the image's embedding and of the prompt prefix is the server's
+   own business (vLLM's encoder and prefix caches);
+2. streams the answer (server-sent events) for per-token progress and partial text; Cancel shuts the
+   connection's socket down, which wakes a blocked read at once and makes the server abort the request;
 3. keeps several requests in flight (``server_max_in_flight``) when there are several answers to give (one
    answer per image, Caption Folder), so the server can batch them; answers come back in input order;
 4. retries 429, 503 and dropped connections with backoff, and turns every other failure into an error that
    names the URL and the fix.
 
-The API key comes from ``$QWENVL_FAST_API_KEY`` only and never appears in logs, errors or timing records.
-Only the standard library is used for HTTP.
+What the server sends is bounded and checked: ``server_timeout_s`` is a deadline for a whole request (not
+per read), an answer counts only when it ends with a ``finish_reason`` or ``[DONE]``, reading stops at
+``max_new_tokens`` received tokens, one event line, a ``/models`` body and an error body are read up to a
+byte cap, and the patch geometry a server reports must be a Qwen family's.
+
+The API key comes from ``$QWENVL_FAST_API_KEY`` only, is sent only to the origins listed in
+``$QWENVL_FAST_API_KEY_ORIGINS`` (never to an address a workflow alone names, never on a redirect) and never
+appears in logs, errors, exception chains or timing records. Only the standard library is used for HTTP.
 """
 
 from __future__ import annotations
 
 import base64
+import codecs
+import contextlib
+import errno
 import http.client
 import io
 import json
 import logging
 import os
+import select
+import socket
 import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,14 +67,44 @@ from ..vision.images import canonicalize_image
 log = logging.getLogger("QwenVL-Fast")
 
 API_KEY_ENV = "QWENVL_FAST_API_KEY"
+API_KEY_ORIGINS_ENV = "QWENVL_FAST_API_KEY_ORIGINS"
 RETRY_STATUSES = (429, 502, 503, 504)
+# Statuses that speak of one request only (its image, its length): with ``per_answer_errors`` they fail that
+# answer alone. Everything else (refused key, unknown model, a redirect, a server down) hits every answer.
+ANSWER_STATUSES = (400, 413, 422)
 UPLOAD_MEMO_ENTRIES = 256
+UPLOAD_MEMO_BYTES = 64 << 20  # `native` uploads of large photos are tens of MiB each: bound the bytes, not entries
+MAX_SSE_LINE_BYTES = 1 << 20  # one event is one token's JSON: a megabyte is already absurd
+MAX_MODELS_BYTES = 16 << 20
+MAX_ERROR_BODY_BYTES = 64 << 10
+MAX_JSON_ANSWER_BYTES = 16 << 20
+MAX_LISTED_NAMES = 20
+MAX_SERVER_TEXT = 500  # characters of the server's own words quoted in an error
+MODELS_TIMEOUT_S = 30.0
+# Events read past max_new_tokens received tokens, for a server's closing finish/usage chunk.
+TOKEN_SLACK_EVENTS = 4
+# After the finish (or the token cap) the closing usage chunk and [DONE] get this long before the answer stands.
+FINISH_GRACE_S = 5.0
+# Sockets' own timeout past the deadline: only a backstop, the watchdog ends a late request first.
+_SOCKET_SLACK_S = 5.0
+QWEN_PATCH_SIZES = (14, 16)  # Qwen2/2.5-VL: 14; Qwen3-VL, Qwen3.5: 16
+QWEN_MERGE_SIZE = 2
 STREAM_EVERY_TOKENS = 8
 _POLL_S = 0.05
+_CONNECT_IN_PROGRESS = {0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY,
+                        getattr(errno, "WSAEWOULDBLOCK", errno.EWOULDBLOCK)}
 
 
 class ServerError(QwenVLError):
     """The server could not answer; the message names the URL and what to do."""
+
+
+class AnswerError(ServerError):
+    """One answer failed on its own (cut off, malformed, refused for its content, past its deadline)."""
+
+
+class _Aborted(Exception):
+    """A request's sockets were shut down from another thread; ``_Abort.reason`` says why."""
 
 
 def api_key() -> str:
@@ -74,6 +115,73 @@ def redact(text: str) -> str:
     """``text`` with the API key (if any) replaced: nothing the pack shows or logs may carry it."""
     key = api_key()
     return text.replace(key, "***") if key else text
+
+
+def _clip(text: str, limit: int = MAX_SERVER_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _names_text(names: list[str]) -> str:
+    """At most ``MAX_LISTED_NAMES`` names: a server listing 300,000 models must not make a 4 MB error."""
+    shown = ", ".join(_clip(n, 100) for n in names[:MAX_LISTED_NAMES])
+    more = len(names) - MAX_LISTED_NAMES
+    return shown + (f" … and {more} more" if more > 0 else "")
+
+
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def origin_text(scheme: str, host: str, port: int | None) -> str:
+    """The normalised origin, as written in ``$QWENVL_FAST_API_KEY_ORIGINS``: lowercase, default port left out.
+
+    ``localhost`` and ``127.0.0.1`` stay different origins: the list names exactly what the user trusts."""
+    scheme = scheme.lower()
+    default = 443 if scheme == "https" else 80
+    text = f"{scheme}://{_host_text(host.lower())}"
+    return text if port in (None, default) else f"{text}:{port}"
+
+
+def parse_origin(text: str) -> str | None:
+    """The normalised origin of ``text`` (a path is ignored), or None where it is not an http(s) origin."""
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if port is not None and not 1 <= port <= 65535:
+        return None
+    return origin_text(parts.scheme, parts.hostname, port)
+
+
+_WARNED_ORIGINS: set[str] = set()
+
+
+def key_origins() -> set[str]:
+    """The origins the API key may be sent to, from ``$QWENVL_FAST_API_KEY_ORIGINS`` (comma-separated)."""
+    origins = set()
+    for entry in os.environ.get(API_KEY_ORIGINS_ENV, "").split(","):
+        if not entry.strip():
+            continue
+        origin = parse_origin(entry)
+        if origin is None:
+            if entry not in _WARNED_ORIGINS:
+                _WARNED_ORIGINS.add(entry)
+                log.warning("[QwenVL-Fast] $%s: '%s' is not an origin like https://api.example.com or "
+                            "http://127.0.0.1:8000; ignored", API_KEY_ORIGINS_ENV, _clip(entry.strip(), 100))
+            continue
+        origins.add(origin)
+    return origins
+
+
+def _check_key(key: str) -> None:
+    # http.client would refuse such a key with a ValueError that quotes the whole header, key and all.
+    if any(not (" " <= c <= "~" or "\xa0" <= c <= "\xff") for c in key):
+        raise ServerError(f"${API_KEY_ENV} holds a character that cannot be sent in an HTTP header (a newline, a "
+                          "control character or a character outside Latin-1): set it to the key alone, on one "
+                          "line.")
 
 
 @dataclass(frozen=True)
@@ -94,42 +202,301 @@ class Endpoint:
         if "://" not in text:
             text = "http://" + text
         parts = urllib.parse.urlsplit(text)
+        shown = _clip(url, 200)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ServerError(f"server_url '{url}' is not an http(s) URL like http://127.0.0.1:8000/v1.")
+            raise ServerError(f"server_url '{shown}' is not an http(s) URL like http://127.0.0.1:8000/v1.")
         if parts.username or parts.password:
             raise ServerError("server_url must not carry credentials; put the API key in $QWENVL_FAST_API_KEY.")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise ServerError(f"server_url '{shown}' has an invalid port: a port is a number from 1 to 65535, as "
+                              "in http://127.0.0.1:8000/v1.")
         prefix = parts.path or ""
         if not prefix.endswith("/v1"):
             prefix += "/v1"
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname, port, prefix)
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}{self.prefix}"
+        return f"{self.scheme}://{_host_text(self.host)}:{self.port}{self.prefix}"
 
-    def connection(self, timeout: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=timeout)
+    @property
+    def origin(self) -> str:
+        return origin_text(self.scheme, self.host, self.port)
+
+    def connection(self, timeout: float, abort: _Abort | None = None,
+                   deadline: float | None = None) -> http.client.HTTPConnection:
+        """A connection whose connect, TLS handshake and reads ``abort`` can end from another thread."""
+        abort = abort or _Abort()
+        deadline = deadline if deadline is not None else time.monotonic() + timeout
+        cls = _HTTPSConnection if self.scheme == "https" else _HTTPConnection
+        return cls(self.host, self.port, timeout, abort, deadline)
 
 
-def _headers() -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+def _headers(endpoint: Endpoint) -> dict[str, str]:
+    """The request headers; the API key only for an origin the user listed (never one a workflow alone names)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
     key = api_key()
-    if key:
+    if key and endpoint.origin in key_origins():
+        _check_key(key)
         headers["Authorization"] = f"Bearer {key}"
     return headers
 
 
-def _error_text(body: bytes) -> str:
+# -- sockets that another thread can interrupt ---------------------------------------------------------------
+def _shutdown(sock: socket.socket) -> None:
     try:
-        data = json.loads(body)
+        # The plain socket's shutdown even for a TLS socket: ssl's own would drop its state under the reader.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass  # not connected yet (the connect loop polls the reason) or already closed
+
+
+class _Abort:
+    """Ends one request's blocking socket calls from another thread: Cancel and the deadline.
+
+    Closing an ``HTTPConnection`` from another thread does not wake a thread blocked in ``recv``; shutting its
+    socket down does (the read returns at once), so that is what ``fire`` does; connecting polls ``reason``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self.reason: str | None = None  # "cancel" or "deadline"
+        self.event = threading.Event()
+
+    def register(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            fired = self.reason is not None
+        if fired:
+            _shutdown(sock)
+
+    def fire(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            socks = list(self._socks)
+        self.event.set()
+        for sock in socks:
+            _shutdown(sock)
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise _Aborted(self.reason)
+
+
+def _resolve(host: str, port: int, abort: _Abort, deadline: float) -> list:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass
+    # A name lookup cannot be interrupted: it runs in a daemon thread that Cancel simply stops waiting for.
+    box: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            box["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=lookup, name="qwenvl-resolve", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        abort.check()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"looking up {host} timed out")
+        worker.join(_POLL_S)
+    if "error" in box:
+        raise box["error"]
+    return box["infos"]
+
+
+def _connect(address: tuple[str, int], timeout: float, abort: _Abort, deadline: float) -> socket.socket:
+    """``socket.create_connection``, but non-blocking underneath so Cancel and the deadline end it at once."""
+    last: OSError | None = None
+    for family, kind, proto, _, addr in _resolve(address[0], address[1], abort, deadline):
+        sock = socket.socket(family, kind, proto)
+        try:
+            abort.register(sock)
+            sock.setblocking(False)
+            code = sock.connect_ex(addr)
+            if code not in _CONNECT_IN_PROGRESS:
+                raise OSError(code, os.strerror(code))
+            while code != 0:
+                abort.check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"connecting to {address[0]}:{address[1]} timed out")
+                _, writable, failed = select.select([], [sock], [sock], min(_POLL_S, left))
+                if writable or failed:
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    break
+            sock.settimeout(timeout)
+            return sock
+        except (TimeoutError, _Aborted):
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise last or OSError(f"no address for {address[0]}")
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, timeout: float, abort: _Abort, deadline: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.abort, self.deadline = abort, deadline
+        self._create_connection = self._interruptible_connect  # http.client's own hook for making the socket
+
+    def _interruptible_connect(self, address: tuple[str, int], timeout: float, source_address: Any = None
+                               ) -> socket.socket:
+        return _connect(address, timeout, self.abort, self.deadline)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, timeout: float, abort: _Abort, deadline: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.abort, self.deadline = abort, deadline
+        self._create_connection = self._interruptible_connect
+
+    def _interruptible_connect(self, address: tuple[str, int], timeout: float, source_address: Any = None
+                               ) -> socket.socket:
+        return _connect(address, timeout, self.abort, self.deadline)
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # TCP, interruptibly (no proxy tunnel: never configured here)
+        # The handshake after registering the TLS socket, so that shutting it down ends a stalled handshake too.
+        sock = self._context.wrap_socket(self.sock, server_hostname=self.host, do_handshake_on_connect=False)
+        self.sock = sock
+        self.abort.register(sock)
+        sock.do_handshake()
+
+
+@contextlib.contextmanager
+def _watchdog(abort: _Abort, should_stop: Callable[[], bool] | None, deadline: float) -> Iterator[None]:
+    """Fires ``abort`` on Cancel or at the deadline while the calling thread blocks on the request."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_POLL_S):
+            if should_stop is not None and should_stop():
+                abort.fire("cancel")
+                return
+            if time.monotonic() >= deadline:
+                abort.fire("deadline")
+                return
+
+    thread = threading.Thread(target=watch, name="qwenvl-server-watchdog", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+_LOAD_STOP = threading.local()
+
+
+@contextlib.contextmanager
+def stop_during_load(should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Lets Cancel end a server backend's load (its ``/models`` call) too: wrap ``ModelManager.get`` in this."""
+    previous = getattr(_LOAD_STOP, "should_stop", None)
+    _LOAD_STOP.should_stop = should_stop
+    try:
+        yield
+    finally:
+        _LOAD_STOP.should_stop = previous
+
+
+def _read_capped(resp: http.client.HTTPResponse, cap: int) -> tuple[bytes, bool]:
+    """At most ``cap`` bytes of the body, and whether there was more (a never-ending body is not read whole)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = resp.read(min(65536, cap + 1 - size))
+        if not chunk:
+            return b"".join(parts), False
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)[:cap], True
+
+
+def _error_text(body: bytes) -> str:
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
     except ValueError:
-        return body.decode("utf-8", "replace")[:500]
+        return _clip(text)
     err = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(err, dict):
-        return str(err.get("message") or err.get("detail") or err)[:500]
-    return str(err)[:500]
+        return _clip(str(err.get("message") or err.get("detail") or err))
+    return _clip(str(err))
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _raw_bytes(text: str) -> bytes:
+    """A delta's bytes as the server sent them (invalid UTF-8 kept as surrogate escapes, see ``_sse_events``)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate the server wrote as a JSON escape
+        return text.encode("utf-8", "replace")
+
+
+def _sse_lines(resp: http.client.HTTPResponse, limit: int) -> Iterator[bytes]:
+    """The lines of a response body in linear time, none longer than ``limit`` bytes."""
+    buffer = bytearray()
+    while True:
+        chunk = resp.read1(65536)
+        if not chunk:
+            if buffer:
+                yield bytes(buffer).strip()
+            return
+        scan = len(buffer)  # what is already buffered holds no newline: search only the new bytes
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", scan)) >= 0:
+            yield bytes(buffer[start:end]).strip()
+            start = scan = end + 1
+        if start:
+            del buffer[:start]
+        if len(buffer) > limit:
+            raise AnswerError(f"sent an event line longer than {limit >> 20} MiB")
+
+
+def _sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any] | None]:
+    """The JSON events of a server-sent-events response; None for ``[DONE]`` (then it ends)."""
+    for line in _sse_lines(resp, MAX_SSE_LINE_BYTES):
+        if not line.startswith(b"data:"):
+            continue  # comments (keep-alives), event names, blank separators
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            yield None
+            return
+        try:
+            # Invalid UTF-8 survives as surrogate escapes, to be decoded once, across events, with replacement.
+            event = json.loads(data.decode("utf-8", "surrogateescape"))
+        except ValueError:
+            raise AnswerError(f"sent an event that is not JSON "
+                              f"({_clip(redact(data.decode('utf-8', 'replace')), 80)})") from None
+        if not isinstance(event, dict):
+            raise AnswerError("sent an event that is not a JSON object")
+        if event.get("error"):
+            raise AnswerError(f"reported an error mid-answer: {redact(_error_text(data))}")
+        yield event
 
 
 @dataclass
@@ -138,6 +505,7 @@ class _Stream:
 
     index: int
     body: dict[str, Any]
+    max_new_tokens: int = 256
     text: str = ""
     tokens: int = 0
     prompt_tokens: int = 0
@@ -146,8 +514,11 @@ class _Stream:
     first_token_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str | None = None
+    complete: bool = False
     error: BaseException | None = None
     done: bool = False
+    deadline: float | None = None  # set when its worker starts: a request waiting for a slot is not late
+    abort: _Abort = field(default_factory=_Abort, repr=False)
     connection: http.client.HTTPConnection | None = field(default=None, repr=False)
 
 
@@ -161,6 +532,8 @@ class ServerModel:
         self.options = options
         self.endpoint = Endpoint.parse(options.server_url)
         self.timeout = float(options.server_timeout_s)
+        if not self.timeout > 0:
+            raise ServerError(f"server_timeout_s must be above 0 (it is {options.server_timeout_s}).")
         self.max_in_flight = max(1, int(options.server_max_in_flight))
         self.upload_format = options.server_upload_format
         if self.upload_format not in UPLOAD_FORMATS:
@@ -168,15 +541,16 @@ class ServerModel:
         self.device = torch.device("cpu")  # nothing of the model is here
         self.usable = True
         self.load_seconds = 0.0
+        self._uploads: OrderedDict[tuple, str] = OrderedDict()
+        self._upload_bytes = 0
+        self._uploads_lock = threading.Lock()
         t0 = time.perf_counter()
-        served = self.list_models()
+        served = self.list_models(getattr(_LOAD_STOP, "should_stop", None))
         self.served_model = self._choose(served, options.server_model)
         self.patch_size, self.merge_size = self._patch_geometry(served)
         self.load_seconds = time.perf_counter() - t0
-        self._uploads: OrderedDict[tuple, str] = OrderedDict()
-        self._uploads_lock = threading.Lock()
-        log.info("[QwenVL-Fast] using %s at %s (patch %d, merge %d)", self.served_model, self.endpoint.url,
-                 self.patch_size, self.merge_size)
+        log.info("[QwenVL-Fast] using %s at %s (patch %d, merge %d)", _clip(self.served_model, 100),
+                 self.endpoint.url, self.patch_size, self.merge_size)
 
     # -- what run_once and the model manager ask of a model --------------------------------
     @property
@@ -187,60 +561,166 @@ class ServerModel:
         self.usable = False
         with self._uploads_lock:
             self._uploads.clear()
+            self._upload_bytes = 0
 
     def param_bytes(self) -> int:
         return 0
 
-    # -- the server's models ----------------------------------------------------------------
-    def _get_json(self, path: str) -> Any:
-        conn = self.endpoint.connection(min(self.timeout, 30.0))
-        try:
-            conn.request("GET", self.endpoint.prefix + path, headers=_headers())
-            resp = conn.getresponse()
-            body = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise ServerError(f"Cannot reach the server at {self.endpoint.url} ({type(exc).__name__}: "
-                              f"{redact(str(exc))}). Start it (README: 'Server backend') or fix server_url.") from exc
-        finally:
-            conn.close()
-        if resp.status == 401:
-            raise ServerError(f"The server at {self.endpoint.url} refused the API key: set ${API_KEY_ENV} to the "
-                              "key it expects (never in a workflow).")
-        if resp.status != 200:
-            raise ServerError(f"The server at {self.endpoint.url} answered {path} with HTTP {resp.status}: "
-                              f"{redact(_error_text(body))}")
-        return json.loads(body)
+    # -- errors -----------------------------------------------------------------------------
+    def _deadline_error(self, what: str, limit: float) -> AnswerError:
+        return AnswerError(f"The server at {self.endpoint.url} did not finish {what} within the {limit:g}s "
+                           "deadline (server_timeout_s, for a whole request): it may be overloaded, stuck or "
+                           "still starting; raise server_timeout_s for long answers.")
 
-    def list_models(self) -> list[dict[str, Any]]:
-        data = self._get_json("/models")
+    def _unauthorized(self) -> ServerError:
+        url, origin = self.endpoint.url, self.endpoint.origin
+        if api_key() and origin in key_origins():
+            return ServerError(f"The server at {url} refused the API key: set ${API_KEY_ENV} to the key it "
+                               "expects (never in a workflow).")
+        if api_key():
+            return ServerError(f"The server at {url} asks for an API key (HTTP 401), and ${API_KEY_ENV} is only "
+                               f"sent to the origins listed in ${API_KEY_ORIGINS_ENV}: if you trust this server, "
+                               f"add {origin} to ${API_KEY_ORIGINS_ENV} (comma-separated).")
+        return ServerError(f"The server at {url} asks for an API key (HTTP 401): set ${API_KEY_ENV} to the key it "
+                           f"expects (never in a workflow) and add {origin} to ${API_KEY_ORIGINS_ENV}.")
+
+    def _redirected(self, status: int, location: str | None) -> ServerError:
+        target = "an address it did not give"
+        if location:
+            joined = urllib.parse.urljoin(self.endpoint.url + "/", location.strip())
+            target = parse_origin(joined) or "an address that is not http(s)"
+        return ServerError(f"The server at {self.endpoint.url} redirected the request (HTTP {status}) to "
+                           f"{_clip(target, 200)}. Redirects are never followed (the API key must not travel to "
+                           "another address): set server_url to the address that answers.")
+
+    def _status_error(self, status: int, location: str | None, body: bytes, path: str,
+                      should_stop: Callable[[], bool] | None = None) -> ServerError:
+        url = self.endpoint.url
+        if 300 <= status < 400:
+            return self._redirected(status, location)
+        if status == 401:
+            return self._unauthorized()
+        message = redact(_error_text(body))
+        low = message.lower()
+        if status == 404 and "model" in low and path == "/chat/completions":
+            try:
+                names = _names_text([m["id"] for m in self.list_models(should_stop)])
+            except ServerError:
+                names = "unknown"
+            return ServerError(f"The server at {url} does not serve '{_clip(self.served_model, 100)}' (it serves: "
+                               f"{names}); set server_model to one of those.")
+        if status == 400 and any(w in low for w in ("context length", "maximum model length", "too long",
+                                                    "max_model_len", "longer than")):
+            return AnswerError(f"The prompt is too long for '{_clip(self.served_model, 100)}' at {url} "
+                               f"({message}). Use a cheaper image_quality, fewer images, fewer max_new_tokens, "
+                               "or a larger --max-model-len on the server.")
+        cls = AnswerError if status in ANSWER_STATUSES else ServerError
+        return cls(f"The server at {url} answered {path} with HTTP {status}: {message}")
+
+    def _transport_error(self, exc: BaseException, abort: _Abort, what: str, limit: float) -> BaseException:
+        """A fresh error for what happened to a request (never chained: the cause may quote the server's bytes)."""
+        if abort.reason == "cancel":
+            return GenerationInterrupted("Generation was interrupted.")
+        if abort.reason == "deadline" or isinstance(exc, TimeoutError):
+            return self._deadline_error(what, limit)
+        if isinstance(exc, QwenVLError):
+            message = str(exc)
+            if isinstance(exc, AnswerError) and self.endpoint.url not in message:
+                message = f"The server at {self.endpoint.url} {message}"  # the stream parser's words name no URL
+            return type(exc)(message)
+        if isinstance(exc, http.client.HTTPException) and not isinstance(exc, ConnectionError):
+            # Its text is the server's raw bytes (a status line that may echo the Authorization header).
+            return AnswerError(f"The server at {self.endpoint.url} sent something that is not an HTTP answer "
+                               f"({type(exc).__name__}) for {what}: is server_url an OpenAI-compatible server?")
+        if isinstance(exc, OSError):
+            return ServerError(f"Cannot reach the server at {self.endpoint.url} ({type(exc).__name__}: "
+                               f"{_clip(redact(str(exc)), 200)}). Start it (README: 'Server backend') or fix "
+                               "server_url.")
+        return ServerError(f"The request to {self.endpoint.url} failed ({type(exc).__name__}: "
+                           f"{_clip(redact(str(exc)), 200)}).")
+
+    # -- the server's models ----------------------------------------------------------------
+    def _get_json(self, path: str, should_stop: Callable[[], bool] | None = None) -> Any:
+        abort = _Abort()
+        limit = min(self.timeout, MODELS_TIMEOUT_S)
+        deadline = time.monotonic() + limit
+        failure: BaseException | None = None
+        status, location, body, over = 0, None, b"", False
+        with _watchdog(abort, should_stop, deadline):
+            conn = self.endpoint.connection(limit + _SOCKET_SLACK_S, abort, deadline)
+            try:
+                conn.request("GET", self.endpoint.prefix + path, headers=_headers(self.endpoint))
+                resp = conn.getresponse()
+                status, location = resp.status, resp.getheader("Location")
+                body, over = _read_capped(resp, MAX_MODELS_BYTES if status == 200 else MAX_ERROR_BODY_BYTES)
+                abort.check()  # a shut-down socket reads as a short body
+            except (OSError, http.client.HTTPException, _Aborted) as exc:
+                failure = self._transport_error(exc, abort, path, limit)
+            finally:
+                conn.close()
+        if failure is not None:
+            raise failure
+        if status != 200:
+            raise self._status_error(status, location, body, path)
+        if over:
+            raise ServerError(f"{self.endpoint.url}{path} sent more than {MAX_MODELS_BYTES >> 20} MiB: is server_url "
+                              "an OpenAI-compatible server?")
+        try:
+            return json.loads(body.decode("utf-8", "replace"))
+        except ValueError:
+            pass  # raised below, outside this block: the decoder's error holds the whole body
+        raise ServerError(f"{self.endpoint.url}{path} did not answer JSON: is server_url the OpenAI-compatible base "
+                          "URL (ending in /v1)?")
+
+    def list_models(self, should_stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+        url = self.endpoint.url
+        data = self._get_json("/models", should_stop)
         models = data.get("data") if isinstance(data, dict) else None
         if not isinstance(models, list):
-            raise ServerError(f"{self.endpoint.url}/models did not list models: is this an OpenAI-compatible "
+            raise ServerError(f"{url}/models did not list models (no 'data' list): is this an OpenAI-compatible "
                               "server?")
-        return [m for m in models if isinstance(m, dict) and m.get("id")]
+        for m in models:
+            if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not m["id"]:
+                shown = _clip(repr(m.get("id") if isinstance(m, dict) else m), 60)
+                raise ServerError(f"{url}/models lists a model whose id is not a name ({shown}): is this an "
+                                  "OpenAI-compatible server?")
+        return models
 
     def _choose(self, served: list[dict[str, Any]], wanted: str) -> str:
         names = [m["id"] for m in served]
         wanted = (wanted or "").strip()
         if wanted:
             if wanted not in names:
-                raise ServerError(f"The server at {self.endpoint.url} does not serve '{wanted}'; it serves: "
-                                  f"{', '.join(names) or 'nothing'}. Set server_model to one of those.")
+                raise ServerError(f"The server at {self.endpoint.url} does not serve '{_clip(wanted, 100)}'; it "
+                                  f"serves: {_names_text(names) or 'nothing'}. Set server_model to one of those.")
             return wanted
         if len(names) != 1:
             raise ServerError(f"The server at {self.endpoint.url} serves {len(names)} models "
-                              f"({', '.join(names) or 'none'}): set server_model to the one to use.")
+                              f"({_names_text(names) or 'none'}): set server_model to the one to use.")
         return names[0]
 
     def _patch_geometry(self, served: list[dict[str, Any]]) -> tuple[int, int]:
-        """Patch and merge size of the served family: from the server where it says, else from the name."""
+        """Patch and merge size of the served family: from the server where it says, else from the name.
+
+        A server's word is checked: it sizes every image (a patch of 50000 asked for terapixel resizes)."""
         entry = next(m for m in served if m["id"] == self.served_model)
-        for key in ("patch_size", "vision_patch_size"):
-            if isinstance(entry.get(key), int):
-                return int(entry[key]), int(entry.get("spatial_merge_size", 2))
         name = f"{entry.get('id', '')} {entry.get('root', '')}".lower()
         # Qwen3-VL and Qwen3.5 use 16-pixel patches, Qwen2/2.5-VL 14 (facts file); all merge 2x2.
-        return (16 if ("qwen3" in name or "qwen3.5" in name) else 14), 2
+        patch: Any = 16 if "qwen3" in name else 14
+        for key in ("patch_size", "vision_patch_size"):
+            if entry.get(key) is not None:
+                patch = entry[key]
+                break
+        merge: Any = entry.get("spatial_merge_size")
+        merge = QWEN_MERGE_SIZE if merge is None else merge
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (patch, merge))
+        if not ok or patch not in QWEN_PATCH_SIZES or merge != QWEN_MERGE_SIZE:
+            raise ServerError(f"The server at {self.endpoint.url} reports patch_size {_clip(repr(patch), 40)} and "
+                              f"spatial_merge_size {_clip(repr(merge), 40)} for '{_clip(self.served_model, 100)}'; "
+                              f"Qwen-VL models use patch_size {' or '.join(map(str, QWEN_PATCH_SIZES))} with "
+                              f"spatial_merge_size {QWEN_MERGE_SIZE}. Serve a Qwen-VL model, or fix what the "
+                              "server reports.")
+        return patch, merge
 
     # -- images -----------------------------------------------------------------------------
     def _encode(self, canonical: torch.Tensor, size: tuple[int, int] | None) -> str:
@@ -257,6 +737,23 @@ class ServerModel:
             img.save(buf, format="PNG", compress_level=1)  # level 1: far faster, barely larger
             mime = "image/png"
         return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+    def upload_memo_bytes(self) -> int:
+        """Bytes the memo of encoded uploads holds now (at most ``UPLOAD_MEMO_BYTES``)."""
+        with self._uploads_lock:
+            return self._upload_bytes
+
+    def _memoise(self, key: tuple, url: str) -> None:
+        if len(url) > UPLOAD_MEMO_BYTES:
+            return  # one upload larger than the whole memo would only push everything else out
+        with self._uploads_lock:
+            old = self._uploads.pop(key, None)
+            self._upload_bytes += len(url) - (len(old) if old is not None else 0)
+            self._uploads[key] = url
+            while self._uploads and (self._upload_bytes > UPLOAD_MEMO_BYTES
+                                     or len(self._uploads) > UPLOAD_MEMO_ENTRIES):
+                _, dropped = self._uploads.popitem(last=False)
+                self._upload_bytes -= len(dropped)
 
     def prepare_uploads(self, images: list[torch.Tensor], quality: str, mon: RunMonitor) -> list[dict[str, Any]]:
         """One data URL per image at the preset's size, and what the record shows about it."""
@@ -289,10 +786,7 @@ class ServerModel:
                 with mon.stage("preprocess"):
                     canonical = canonical if canonical is not None else canonicalize_image(image)
                     url = self._encode(canonical, size)
-                with self._uploads_lock:
-                    self._uploads[key] = url
-                    while len(self._uploads) > UPLOAD_MEMO_ENTRIES:
-                        self._uploads.popitem(last=False)
+                self._memoise(key, url)
             # `native` leaves the size to the server's own limits: the count shown assumes none bind.
             shown = size or qp.smart_resize(size_in[0], size_in[1], self.factor, self.factor ** 2, 1 << 40)
             out.append({"url": url, "record": {
@@ -327,104 +821,166 @@ class ServerModel:
                 body["ignore_eos"] = True  # fixed-length answers (benchmarks), where the server supports it
         return body
 
-    def _open(self, stream: _Stream, cancelled: threading.Event) -> http.client.HTTPResponse:
+    def _open(self, stream: _Stream) -> http.client.HTTPResponse:
         """POST the request, retrying 429/5xx and dropped connections with backoff; the open response."""
         payload = json.dumps(stream.body).encode()
+        abort, deadline = stream.abort, stream.deadline or time.monotonic() + self.timeout
         delay = 0.5
         retries = max(0, int(self.options.server_retries))
+        path = "/chat/completions"
         for attempt in range(retries + 1):
-            if cancelled.is_set():
-                raise GenerationInterrupted("Generation was interrupted.")
-            conn = self.endpoint.connection(self.timeout)
+            abort.check()
+            conn = self.endpoint.connection(self.timeout + _SOCKET_SLACK_S, abort, deadline)
             stream.connection = conn
             t0 = time.perf_counter()
             try:
-                conn.request("POST", self.endpoint.prefix + "/chat/completions", body=payload, headers=_headers())
+                conn.request("POST", self.endpoint.prefix + path, body=payload, headers=_headers(self.endpoint))
                 resp = conn.getresponse()
-            except (ConnectionError, http.client.RemoteDisconnected) as exc:
+            except ConnectionError as exc:  # refused, reset, or closed before answering: maybe a restart
                 conn.close()
+                abort.check()
                 if attempt < retries:
                     log.info("[QwenVL-Fast] %s dropped the connection (%s); retrying in %.1fs", self.endpoint.url,
                              type(exc).__name__, delay)
-                    cancelled.wait(delay)
+                    abort.event.wait(delay)
                     delay *= 2
                     continue
-                raise ServerError(f"Cannot reach the server at {self.endpoint.url} ({type(exc).__name__}): start "
-                                  "it (README: 'Server backend') or fix server_url.") from exc
-            except TimeoutError as exc:
+                raise
+            except BaseException:
                 conn.close()
-                raise ServerError(f"The server at {self.endpoint.url} did not answer within {self.timeout:.0f}s: "
-                                  "it may be overloaded or still starting.") from exc
-            except OSError as exc:
-                conn.close()
-                if cancelled.is_set():
-                    raise GenerationInterrupted("Generation was interrupted.") from exc
-                raise ServerError(f"Cannot reach the server at {self.endpoint.url} ({type(exc).__name__}: "
-                                  f"{redact(str(exc))}): start it or fix server_url.") from exc
+                raise
             stream.upload_s += time.perf_counter() - t0
             if resp.status == 200:
                 return resp
-            body = resp.read()
+            body, _ = _read_capped(resp, MAX_ERROR_BODY_BYTES)
             conn.close()
-            message = redact(_error_text(body))
+            abort.check()
             if resp.status in RETRY_STATUSES and attempt < retries:
                 wait = delay
-                retry_after = resp.getheader("Retry-After")
-                if retry_after and retry_after.isdigit():
+                retry_after = (resp.getheader("Retry-After") or "").strip()
+                if retry_after.isdigit():
                     wait = min(float(retry_after), 30.0)
                 log.info("[QwenVL-Fast] %s answered HTTP %d; retrying in %.1fs", self.endpoint.url, resp.status,
                          wait)
-                cancelled.wait(wait)
+                abort.event.wait(wait)  # Cancel and the deadline wake it
                 delay *= 2
                 continue
-            raise self._http_error(resp.status, message)
+            raise self._status_error(resp.status, resp.getheader("Location"), body, path,
+                                     should_stop=lambda: abort.reason is not None)
         raise ServerError(f"The server at {self.endpoint.url} stayed busy after {retries} retries.")
 
-    def _http_error(self, status: int, message: str) -> ServerError:
-        url = self.endpoint.url
-        low = message.lower()
-        if status == 401:
-            return ServerError(f"The server at {url} refused the API key: set ${API_KEY_ENV} to the key it expects.")
-        if status == 404 and "model" in low:
-            try:
-                names = ", ".join(m["id"] for m in self.list_models())
-            except ServerError:
-                names = "unknown"
-            return ServerError(f"The server at {url} does not serve '{self.served_model}' (it serves: {names}); "
-                               "set server_model to one of those.")
-        if status == 400 and any(w in low for w in ("context length", "maximum model length", "too long",
-                                                    "max_model_len", "longer than")):
-            return ServerError(f"The prompt is too long for '{self.served_model}' at {url} ({message}). Use a "
-                               "cheaper image_quality, fewer images, fewer max_new_tokens, or a larger "
-                               "--max-model-len on the server.")
-        return ServerError(f"The server at {url} answered HTTP {status}: {message}")
+    def _cut_off(self, stream: _Stream) -> AnswerError:
+        return AnswerError(f"The answer from {self.endpoint.url} was cut off: its stream ended after "
+                           f"{stream.tokens} tokens without a finish_reason or [DONE] (the server stopped or dropped "
+                           "the connection mid-answer). Run it again; check the server's log if it repeats.")
 
-    def _consume(self, stream: _Stream, cancelled: threading.Event) -> None:
-        """Run one streaming request to its end (in a worker thread); errors land in ``stream.error``."""
+    @staticmethod
+    def _completed(stream: _Stream) -> None:
+        stream.complete = True
+        stream.deadline = min(stream.deadline or float("inf"), time.monotonic() + FINISH_GRACE_S)
+
+    def _read_stream(self, stream: _Stream, resp: http.client.HTTPResponse) -> None:
+        """Read server-sent events up to a finish, ``[DONE]`` or ``max_new_tokens`` tokens (then stop reading)."""
+        t_headers = time.perf_counter()
+        t_first: float | None = None
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two events
+        cap = max(1, stream.max_new_tokens)
+        past_cap = 0  # events read since the cap was reached, waiting for the finish and usage chunks
+        usage_seen = False
         try:
-            resp = self._open(stream, cancelled)
-            t_headers = time.perf_counter()
-            t_first: float | None = None
             for event in _sse_events(resp):
-                if cancelled.is_set():
+                if event is None:  # [DONE]
+                    stream.complete = True
                     break
-                if event.get("usage"):
-                    stream.prompt_tokens = int(event["usage"].get("prompt_tokens") or 0)
-                    stream.completion_tokens = int(event["usage"].get("completion_tokens") or 0)
-                for choice in event.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content") or ""
-                    if delta:  # one streamed chunk per token (the final usage gives the exact count)
+                usage = event.get("usage")
+                if isinstance(usage, dict):
+                    usage_seen = True
+                    stream.prompt_tokens = _count(usage.get("prompt_tokens"))
+                    stream.completion_tokens = _count(usage.get("completion_tokens"))
+                choices = event.get("choices") or []
+                if not isinstance(choices, list):
+                    raise AnswerError("sent an event whose 'choices' is not a list")
+                for choice in choices:
+                    if not isinstance(choice, dict):
+                        raise AnswerError("sent an event whose choice is not an object")
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content") if isinstance(delta, dict) else None
+                    if content:  # one streamed chunk per token (the final usage gives the exact count)
+                        if not isinstance(content, str):
+                            raise AnswerError("sent a delta whose content is not text")
                         if t_first is None:
                             t_first = time.perf_counter()
                             stream.first_token_s = t_first - t_headers
+                        if stream.tokens < cap:  # past the cap a server is not listening: its text is not kept
+                            stream.text += decoder.decode(_raw_bytes(content))
                         stream.tokens += 1
-                        stream.text += delta
                     if choice.get("finish_reason"):
-                        stream.finish_reason = choice["finish_reason"]
-            if t_first is not None:
-                stream.decode_s = time.perf_counter() - t_first
+                        stream.finish_reason = _clip(str(choice["finish_reason"]), 40)
+                        self._completed(stream)
+                if stream.complete and usage_seen:
+                    break  # nothing more to wait for; [DONE] or the close may never come
+                if stream.tokens >= cap:
+                    if not stream.complete:  # the cap ends an answer, whatever a server goes on sending
+                        stream.finish_reason = "length"
+                        self._completed(stream)
+                    past_cap += 1
+                    if past_cap > TOKEN_SLACK_EVENTS:
+                        break
+        except TimeoutError:
+            raise
+        except (OSError, http.client.IncompleteRead):
+            stream.abort.check()
+            if not stream.complete:
+                raise self._cut_off(stream) from None
+        stream.text += decoder.decode(b"", final=True)
+        if not stream.complete:
+            stream.abort.check()  # a shut-down socket reads as the end of the stream
+            raise self._cut_off(stream)
+        if t_first is not None:
+            stream.decode_s = time.perf_counter() - t_first
+
+    def _read_json_answer(self, stream: _Stream, resp: http.client.HTTPResponse) -> None:
+        """A 200 with ``application/json``: one non-streamed chat completion (a server that ignores ``stream``)."""
+        url = self.endpoint.url
+        t0 = time.perf_counter()
+        body, over = _read_capped(resp, MAX_JSON_ANSWER_BYTES)
+        stream.abort.check()
+        if over:
+            raise AnswerError(f"The server at {url} sent an answer larger than {MAX_JSON_ANSWER_BYTES >> 20} MiB.")
+        try:
+            data = json.loads(body.decode("utf-8", "replace"))
+        except ValueError:
+            raise AnswerError(f"The server at {url} answered with invalid JSON "
+                              f"({_clip(redact(body.decode('utf-8', 'replace')), 80)}).") from None
+        choices = data.get("choices") if isinstance(data, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(content, (str, type(None))):
+            raise AnswerError(f"The server at {url} answered with JSON that is not a chat completion (no "
+                              "choices[0].message.content): is server_url an OpenAI-compatible server?")
+        stream.text = content or ""
+        stream.finish_reason = _clip(str(choice.get("finish_reason") or "stop"), 40)
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            stream.prompt_tokens = _count(usage.get("prompt_tokens"))
+            stream.completion_tokens = _count(usage.get("completion_tokens"))
+        stream.tokens = stream.completion_tokens or (1 if stream.text else 0)
+        stream.first_token_s = time.perf_counter() - t0
+        stream.complete = True
+
+    def _consume(self, stream: _Stream) -> None:
+        """Run one request to its end (in a worker thread); errors land in ``stream.error``."""
+        stream.deadline = time.monotonic() + self.timeout
+        try:
+            resp = self._open(stream)
+            if (resp.getheader("Content-Type") or "").lower().startswith("application/json"):
+                self._read_json_answer(stream, resp)
+            else:
+                self._read_stream(stream, resp)
         except BaseException as exc:  # handed to the caller's thread
-            stream.error = exc
+            if not (stream.complete and stream.abort.reason == "deadline"):  # late only for the closing chunks
+                stream.error = self._transport_error(exc, stream.abort, "the answer", self.timeout)
         finally:
             if stream.connection is not None:
                 stream.connection.close()  # on Cancel this is what makes the server abort the request
@@ -450,15 +1006,17 @@ class ServerModel:
             rec.images.append({"index": i, **u["record"]})
         one_each = req.batch_mode == BATCH_MODES[1] and len(uploads) > 1
         groups = [[u] for u in uploads] if one_each else [uploads]
-        streams = [_Stream(i, self._body(req, g)) for i, g in enumerate(groups)]
-        self._run_streams(streams, req, rec)
+        streams = [_Stream(i, self._body(req, g), max_new_tokens=int(req.max_new_tokens))
+                   for i, g in enumerate(groups)]
+        errors = self._run_streams(streams, req, rec)
         texts, thoughts = [], []
-        for s in streams:
-            answer, thinking = split_thinking(s.text)
+        for s, error in zip(streams, errors):
+            answer, thinking = split_thinking(s.text) if error is None else ("", "")
             texts.append(answer)
             thoughts.append(thinking)
             rec.prompt_tokens += s.prompt_tokens
-            rec.new_tokens += s.completion_tokens if s.completion_tokens is not None else s.tokens
+            received = min(s.tokens, s.max_new_tokens)  # what a server sends past the cap is not kept
+            rec.new_tokens += s.completion_tokens if s.completion_tokens is not None else received
             mon.add("upload", s.upload_s)  # request sent until the server's first byte: upload + queue
             mon.add("prefill", s.first_token_s)
             mon.add("decode", s.decode_s)
@@ -466,29 +1024,41 @@ class ServerModel:
                       "in_flight": min(self.max_in_flight, len(streams)),
                       "upload_bytes": sum(u["record"]["upload_bytes"] for u in uploads),
                       "prompt_tokens": [s.prompt_tokens for s in streams],
-                      "time_to_first_token_s": [round(s.upload_s + s.first_token_s, 4) for s in streams]}
+                      "time_to_first_token_s": [round(s.upload_s + s.first_token_s, 4) for s in streams],
+                      "finish_reasons": [s.finish_reason for s in streams]}
+        if any(e is not None for e in errors):
+            rec.server["failed_answers"] = sum(e is not None for e in errors)
         mon.finish()
         if len(streams) > 1 and rec.total_s > 0:
             # Stage times are summed over requests that overlapped: per answer, not per wall second.
             rec.server["stage_times"] = "summed over concurrent requests"
-        return GenerationResult(texts, thoughts, rec, [[] for _ in streams])
+        return GenerationResult(texts, thoughts, rec, [[] for _ in streams],
+                                errors=errors if req.per_answer_errors else [])
 
-    def _run_streams(self, streams: list[_Stream], req: GenerationRequest, rec: RunRecord) -> None:
-        """Keep up to ``max_in_flight`` requests streaming; progress, partial text and Cancel from this thread."""
-        cancelled = threading.Event()
+    def _run_streams(self, streams: list[_Stream], req: GenerationRequest, rec: RunRecord) -> list[str | None]:
+        """Keep up to ``max_in_flight`` requests streaming; progress, partial text, Cancel and deadlines from this
+        thread. Returns each answer's error (None where it succeeded) when the request takes per-answer errors."""
+        cancelled = False
         total = len(streams) * int(req.max_new_tokens)
         last_progress, last_text = -1, 0
+
+        def abort_all(reason: str) -> None:
+            for s in streams:
+                s.abort.fire(reason)
+
         with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(streams)),
                                 thread_name_prefix="qwenvl-server") as pool:
-            futures = [pool.submit(self._consume, s, cancelled) for s in streams]
+            futures = [pool.submit(self._consume, s) for s in streams]
             try:
                 while not all(f.done() for f in futures):
                     if req.should_stop is not None and req.should_stop():
-                        cancelled.set()
-                        for s in streams:
-                            if s.connection is not None:
-                                s.connection.close()
+                        cancelled = True
+                        abort_all("cancel")
                         break
+                    now = time.monotonic()
+                    for s in streams:
+                        if s.deadline is not None and not s.done and now >= s.deadline:
+                            s.abort.fire("deadline")  # the watchdog: a trickling server cannot hold the run
                     done_tokens = sum(min(s.tokens, int(req.max_new_tokens)) for s in streams)
                     if req.on_progress is not None and done_tokens != last_progress:
                         req.on_progress(done_tokens, total)
@@ -500,24 +1070,24 @@ class ServerModel:
                             last_text = current.tokens
                     time.sleep(_POLL_S)
             except BaseException:
-                cancelled.set()
-                for s in streams:
-                    if s.connection is not None:
-                        s.connection.close()
+                abort_all("cancel")
                 raise
-        if cancelled.is_set():
+        if cancelled or any(isinstance(s.error, GenerationInterrupted) for s in streams):
             rec.interrupted = True
             raise GenerationInterrupted("Generation was interrupted.")
         for s in streams:
-            if s.error is not None:
-                if isinstance(s.error, QwenVLError):
-                    raise s.error
-                raise ServerError(f"The request to {self.endpoint.url} failed: {type(s.error).__name__}: "
-                                  f"{redact(str(s.error))}") from s.error
+            # Faults that hit every answer raise, and any fault where the caller takes no per-answer errors.
+            if s.error is not None and (not req.per_answer_errors or not isinstance(s.error, AnswerError)):
+                raise s.error
+        errors = [str(s.error) if s.error is not None else None for s in streams]
+        for s, error in zip(streams, errors):
+            if error is not None:
+                log.warning("[QwenVL-Fast] answer %d failed on its own: %s", s.index + 1, error)
         if req.on_progress is not None:
             req.on_progress(total, total)
         if req.on_text is not None:
             req.on_text(streams[-1].text)
+        return errors
 
     def tips(self, rec: RunRecord) -> list[str]:
         """What the client-side numbers suggest."""
@@ -530,29 +1100,3 @@ class ServerModel:
             tips.append(f"Only {server.get('in_flight')} request(s) in flight for {server.get('requests')} answers: "
                         "raise server_max_in_flight so the server can batch them.")
         return tips
-
-
-def _sse_events(resp: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
-    """The JSON events of a server-sent-events response, until ``[DONE]``."""
-    buffer = b""
-    while True:
-        chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
-        if not chunk:
-            return
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                if event.get("error"):
-                    raise ServerError(f"The server reported an error mid-answer: {redact(_error_text(data))}")
-                yield event

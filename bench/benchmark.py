@@ -76,13 +76,13 @@ from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.core.api import ANSWER_BATCH_TOKENS, VideoClip  # noqa: E402
 from qwenvl_fast.embedding_cache import canonical_digest  # noqa: E402
-from qwenvl_fast.engine.memory import (  # noqa: E402
+from qwenvl_fast.engine.model.memory import (  # noqa: E402
     decode_bytes_per_token,
     device_memory_bandwidth,
 )
 from qwenvl_fast.perf_monitor import RunMonitor, sync_device  # noqa: E402
 from qwenvl_fast.vision import fast_preprocess  # noqa: E402
-from qwenvl_fast.vision.images import pixel_values_for  # noqa: E402
+from qwenvl_fast.vision.images import load_image_file, pixel_values_for  # noqa: E402
 from qwenvl_fast.vision.video import chunk_bounds  # noqa: E402
 
 log = logging.getLogger("QwenVL-Fast")
@@ -834,7 +834,7 @@ class ModelBench:
     def answers_each(self, files: list[Path]) -> None:
         """N images, one answer each: one batched generate (default answer_batch_tokens) vs one by one (0)."""
         k, t, q = int(self.args.answers_images), int(self.args.answers_new_tokens), self.args.answers_quality
-        imgs = [batch_caption.load_image_file(f) for f in files[:k]]
+        imgs = [load_image_file(f) for f in files[:k]]
         if len(imgs) != k:
             raise RuntimeError(f"{len(imgs)} images for {k} answers (--folder-images < --answers-images)")
         budgets = {"one_by_one": 0, "batched": ANSWER_BATCH_TOKENS}

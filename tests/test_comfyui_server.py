@@ -601,3 +601,38 @@ def test_load_video_to_run_where_comfyui_has_video(comfy_server, run_info, tiny_
     assert (clip["frames"], clip["source_frames"]) == (6, 12) and clip["fps"] == pytest.approx(15.0), clip
     # the file behind the VIDEO was decoded for its 6 sampled frames, not through get_components (every frame)
     assert "decoding the whole VIDEO" not in comfy_server.log_tail(20000)
+
+
+# Cancel against a server that stops talking, in each phase of a request. The node runs with the default
+# server_timeout_s (300 s) and the hostile server would stay silent longer than this test waits: only the
+# interrupt can end the prompt.
+CANCEL_PHASES = ["no_accept", "silent_after_connect", "silent_after_headers", "one_token_then_silence"]
+
+
+@pytest.mark.parametrize("phase", CANCEL_PHASES)
+def test_interrupt_ends_a_run_against_a_silent_server(comfy_server, run_info, tiny_choice, phase):
+    from hostile_server import HostileServer
+
+    image = _image(comfy_server, 41)
+
+    def graph_for(url: str, prompt: str) -> dict:
+        return _run_graph(run_info, image, **_fast(tiny_choice, prompt=prompt, max_new_tokens=64, backend="server",
+                                                   server_url=url))
+
+    # The load's /models must answer; the chat request is where the silence starts ("no_accept" fills the
+    # listening backlog, which would hang /models too, so every phase is switched on after the load).
+    with HostileServer(mode="ok", lifetime_s=240) as srv:
+        _assert_success(comfy_server.run(graph_for(srv.url, "Describe."), timeout=120), comfy_server)
+        srv.mode = phase
+        pid = comfy_server.queue(graph_for(srv.url, f"Describe again ({phase})."))
+        assert srv.stalled.wait(60), f"the request never reached the server:\n{comfy_server.log_tail(3000)}"
+        t0 = time.monotonic()
+        comfy_server.interrupt()
+        entry = comfy_server.wait(pid, timeout=90)  # a hang guard far below the run's 300 s deadline
+        stopped_after = time.monotonic() - t0
+    print(f"{phase}: the prompt ended {stopped_after:.2f} s after /interrupt")
+    assert was_interrupted(entry) or "interrupt" in str(execution_error(entry)).lower(), entry.get("status")
+    with HostileServer(mode="ok", lifetime_s=120) as again:  # the pack answers again afterwards
+        entry = comfy_server.run(graph_for(again.url, "After the interrupt."), timeout=120)
+    _assert_success(entry, comfy_server)
+    assert node_ui(entry, "2")["text"][0].strip()

@@ -46,6 +46,10 @@ def test_endpoint_parsing_and_refusals():
         sb.Endpoint.parse("http://user:secret@127.0.0.1:8000/v1")
     with pytest.raises(sb.ServerError, match="not an http"):
         sb.Endpoint.parse("ftp://127.0.0.1/v1")
+    for bad in ("http://127.0.0.1:99999/v1", "http://127.0.0.1:0/v1", "http://127.0.0.1:port/v1"):
+        with pytest.raises(sb.ServerError, match="1 to 65535"):
+            sb.Endpoint.parse(bad)
+    assert sb.Endpoint.parse("http://[::1]:8000").url == "http://[::1]:8000/v1"
 
 
 def test_server_down_names_the_url():
@@ -56,12 +60,19 @@ def test_server_down_names_the_url():
     assert ql.MANAGER.current is None
 
 
-def test_api_key_is_redacted(monkeypatch):
+def test_api_key_is_redacted_and_sent_only_to_listed_origins(monkeypatch):
     monkeypatch.setenv(sb.API_KEY_ENV, "sk-do-not-show-0123")
     assert "sk-do-not-show-0123" not in sb.redact("Bearer sk-do-not-show-0123 refused")
-    assert sb._headers()["Authorization"] == "Bearer sk-do-not-show-0123"
+    listed = sb.Endpoint.parse("https://API.example.com/v1")
+    assert "Authorization" not in sb._headers(listed)  # no origins listed: a workflow's URL alone gets no key
+    monkeypatch.setenv(sb.API_KEY_ORIGINS_ENV, " https://api.example.com:443/ , http://127.0.0.1:8000")
+    assert sb._headers(listed)["Authorization"] == "Bearer sk-do-not-show-0123"
+    assert "Authorization" in sb._headers(sb.Endpoint.parse("127.0.0.1:8000"))
+    for other in ("http://api.example.com/v1", "https://api.example.com:8443/v1", "http://localhost:8000/v1",
+                  "http://127.0.0.1:8001/v1"):
+        assert "Authorization" not in sb._headers(sb.Endpoint.parse(other)), other
     monkeypatch.delenv(sb.API_KEY_ENV)
-    assert "Authorization" not in sb._headers()
+    assert "Authorization" not in sb._headers(listed)
 
 
 def test_unknown_backend_is_a_clear_error():

@@ -30,7 +30,7 @@ from ..core.errors import QwenVLError
 from ..embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
 from ..perf_monitor import RunMonitor
 from . import fast_preprocess
-from .images import ImageSpec, canonicalize_image
+from .images import ImageSpec, ImageTooLargeError, canonicalize_image, check_pixel_limit, max_image_pixels
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -63,6 +63,8 @@ def as_clip(video: Any, fps: float | None = None, max_frames: int | None = None)
     if max_frames and hasattr(video, "get_stream_source"):
         try:
             return load_video_file(video.get_stream_source(), int(max_frames))
+        except ImageTooLargeError:
+            raise  # ComfyUI's own decoding would cost what the limit is there to prevent
         except QwenVLError as exc:  # a stream PyAV cannot read here: ComfyUI's own decoding
             log.warning("[QwenVL-Fast] %s; decoding the whole VIDEO instead", exc)
     if hasattr(video, "get_components"):  # ComfyUI's VIDEO (comfy_api VideoInput): frames + frame rate
@@ -243,10 +245,14 @@ def join_chunks(parts: list[ImageEmbedding], grid: tuple[int, int, int]) -> Imag
     return ImageEmbedding(embeds, deep, grid)
 
 
-def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_patch_size: int = 2) -> VideoClip:
+def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_patch_size: int = 2,
+                    max_pixels: int | None = None) -> VideoClip:
     """The evenly sampled frames of a video file or stream (uint8 ``[T,H,W,3]``), their positions and frame rate.
 
     Only the sampled frames are converted to pixels; decoding stops after the last one. PyAV (FFmpeg) decodes.
+    A stream whose frame size is over ``max_pixels`` (None: ``images.max_image_pixels()``, the image files'
+    limit; 0: none) is refused before any frame is decoded: FFmpeg also opens a still image (a 12000x12000 PNG
+    renamed ``.mp4`` is one 144-megapixel frame).
     """
     name = Path(source).name if isinstance(source, (str, Path)) else str(getattr(source, "name", "the video stream"))
     try:
@@ -261,6 +267,9 @@ def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_pat
         if not container.streams.video:
             raise QwenVLError(f"'{name}' has no video stream.")
         stream = container.streams.video[0]
+        limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+        # The header's size, before the packet count below (which reads the whole file) and any decoding.
+        check_pixel_limit(name, stream.codec_context.width, stream.codec_context.height, limit, "a video frame")
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 24.0
@@ -269,7 +278,7 @@ def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_pat
             total = sum(1 for packet in container.demux(stream) if packet.size)
             container.seek(0)
         frames, kept = _decode_frames(container, stream, sample_indices(max(total, 1), max_frames,
-                                                                        temporal_patch_size))
+                                                                        temporal_patch_size), name, limit)
     if not frames:
         raise QwenVLError(f"'{name}' has no decodable frames.")
     if len(frames) < len(kept) or kept[-1] >= total:
@@ -278,12 +287,15 @@ def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_pat
     return VideoClip(torch.from_numpy(np.stack(frames)), fps, source_indices=seen, source_total=max(total, 1))
 
 
-def _decode_frames(container, stream, wanted: list[int]) -> tuple[list[np.ndarray], list[int]]:
+def _decode_frames(container, stream, wanted: list[int], name: str = "the video",
+                   limit: int = 0) -> tuple[list[np.ndarray], list[int]]:
     targets = set(wanted)
     last = max(wanted)
     frames = []
     for i, frame in enumerate(container.decode(stream)):
         if i in targets:
+            # A stream may change size midway, past what its header said: checked before the RGB copy.
+            check_pixel_limit(name, frame.width, frame.height, limit, "a video frame")
             frames.append(frame.to_ndarray(format="rgb24"))
         if i >= last:
             break
