@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from ..core.errors import first_line
+
 log = logging.getLogger("QwenVL-Fast")
 
 DECODE_COMPILE_CHOICES = ["auto", "off"]
@@ -66,13 +68,6 @@ def cache_bucket(tokens: int, context_length: int | None = None) -> int:
     return bucket
 
 
-def _first_line(exc: BaseException) -> str:
-    """The error in one line (Dynamo's "backend='x' raised:" line gets the next one, which says what)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[0] if not lines[0].endswith(":") or len(lines) < 2 else f"{lines[0]} {lines[1]}"
-    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def _transformers_pieces() -> tuple[Any, Any, str]:
@@ -81,7 +76,7 @@ def _transformers_pieces() -> tuple[Any, Any, str]:
         from transformers import CompileConfig, PreTrainedModel, StaticCache
         from transformers.generation.utils import GenerationMixin
     except Exception as exc:  # noqa: BLE001  (an old or broken transformers: eager decode)
-        return None, None, f"this transformers has no StaticCache/CompileConfig ({_first_line(exc)})"
+        return None, None, f"this transformers has no StaticCache/CompileConfig ({first_line(exc)})"
     if not hasattr(GenerationMixin, "_valid_auto_compile_criteria") or not hasattr(PreTrainedModel,
                                                                                    "get_compiled_call"):
         return None, None, "this transformers does not compile decode in generate"
@@ -95,7 +90,7 @@ def _static_layers_reason(model: Any, static_cache_cls: Any) -> str:
     try:
         probe = static_cache_cls(config=model.config, max_cache_len=BUCKET_MIN)  # lazy: allocates nothing
     except Exception as exc:  # noqa: BLE001
-        return f"no static cache for this model ({_first_line(exc)})"
+        return f"no static cache for this model ({first_line(exc)})"
     kinds = {type(layer).__name__ for layer in probe.layers if type(layer) is not StaticLayer}
     if kinds:
         # Qwen3.5: linear-attention layers keep recurrent and conv states; sliding windows forget. Neither fits one
@@ -285,10 +280,10 @@ class DecodeCompile:
                 _restore_lengths(cache, lengths)
                 out = eager(*args, **kwargs)
                 self.failed = True
-                self.reason = f"compile failed: {_first_line(exc)}"
+                self.reason = f"compile failed: {first_line(exc)}"
                 self.last_status = self.status
                 self.model.__dict__.pop("get_compiled_call", None)
-                log.warning("[QwenVL-Fast] compiled decode failed (%s); decoding eagerly", _first_line(exc))
+                log.warning("[QwenVL-Fast] compiled decode failed (%s); decoding eagerly", first_line(exc))
                 return out
 
         return call

@@ -4,16 +4,25 @@ out-of-memory error frees before the run reports it."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from .runtime_choice import release_memory
 
-if TYPE_CHECKING:
-    from .model import QwenVLModel
-
 log = logging.getLogger("QwenVL-Fast")
+
+
+class LoadedModel(Protocol):
+    """What these estimates and the out-of-memory policy read of a loaded model (``engine.model.QwenVLModel``)."""
+
+    model: Any  # the transformers model
+    device: torch.device
+    prefix_cache: Any
+    decode_compile: Any
+
+    @property
+    def visual(self) -> torch.nn.Module: ...
 
 
 def device_memory_bandwidth(device: torch.device) -> float | None:
@@ -28,14 +37,14 @@ def device_memory_bandwidth(device: torch.device) -> float | None:
     return clock_khz * 1000 * 2 * bus_bits / 8  # double data rate
 
 
-def expected_decode_tokens_per_s(model: QwenVLModel) -> float | None:
+def expected_decode_tokens_per_s(model: LoadedModel) -> float | None:
     """Memory-bound decode estimate: GPU memory bandwidth / bytes of weights read per token."""
     bandwidth = device_memory_bandwidth(model.device)
     weights = decode_bytes_per_token(model) if bandwidth else 0
     return bandwidth / weights if weights else None
 
 
-def decode_bytes_per_token(model: QwenVLModel) -> int:
+def decode_bytes_per_token(model: LoadedModel) -> int:
     """Weight bytes one decode step reads: the language model and its head, not the vision tower, and of an input
     embedding that is not tied to the head only the one row looked up (nothing, next to the rest)."""
     net = model.model
@@ -52,12 +61,12 @@ def decode_bytes_per_token(model: QwenVLModel) -> int:
     return total
 
 
-def unquantized_bf16_bytes(model: QwenVLModel) -> int:
+def unquantized_bf16_bytes(model: LoadedModel) -> int:
     """The model's size in bf16; transformers counts packed 4-bit weights as the parameters they hold."""
     return int(model.model.num_parameters()) * 2
 
 
-def free_after_oom(model: QwenVLModel) -> None:
+def free_after_oom(model: LoadedModel) -> None:
     """The one out-of-memory policy: what the model keeps between calls goes first, then the allocator's cache.
 
     The kept prefixes, and compiled decode's static KV cache together with its compiled callable (CUDA graphs hold

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import first_line
 from ..perf_monitor import sync_device
 
 log = logging.getLogger("QwenVL-Fast")
@@ -348,9 +349,6 @@ def _param_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _guarded_call(compiled: Callable[..., Any], eager: Callable[..., Any], visual: nn.Module,
@@ -376,9 +374,9 @@ def _guarded_call(compiled: Callable[..., Any], eager: Callable[..., Any], visua
             _restore(visual, state)
             state.report.enabled = False
             state.report.mode = MODE_EAGER
-            state.report.reason = f"compile failed: {_first_line(exc)}"
+            state.report.reason = f"compile failed: {first_line(exc)}"
             log.warning("[QwenVL-Fast] vision compile failed at first use (%s); the vision tower runs eagerly",
-                        _first_line(exc))
+                        first_line(exc))
             return out
 
     return call
@@ -458,8 +456,8 @@ def compile_vision_tower(model: nn.Module, setting: str = "auto",
         visual.__dict__[_STATE_ATTR] = state
     except Exception as exc:  # noqa: BLE001  (promised: never raise, fall back to eager)
         _restore(visual, state)
-        log.warning("[QwenVL-Fast] vision compile failed (%s); the vision tower runs eagerly", _first_line(exc))
-        return _disabled_report(requested, dev_name, f"compile failed: {_first_line(exc)}")
+        log.warning("[QwenVL-Fast] vision compile failed (%s); the vision tower runs eagerly", first_line(exc))
+        return _disabled_report(requested, dev_name, f"compile failed: {first_line(exc)}")
     report.compiled_modules = len(state.regions)
     report.reason = (f"{len(state.regions)} regions (blocks + mergers), dynamic shapes, attention eager; {why}")
     report._awaiting_warmup = True
