@@ -76,7 +76,7 @@ from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.core.api import ANSWER_BATCH_TOKENS, VideoClip  # noqa: E402
 from qwenvl_fast.embedding_cache import canonical_digest  # noqa: E402
-from qwenvl_fast.engine.model.memory import (  # noqa: E402
+from qwenvl_fast.engine.memory import (  # noqa: E402
     decode_bytes_per_token,
     device_memory_bandwidth,
 )
