@@ -80,19 +80,22 @@ def test_answers_tables_render_with_the_spread(answers_run, tmp_path):
         assert text in md, text
     assert "### Single" not in md  # --only answers: the other sections' empty tables are left out
     again = rerender(js, tmp_path / "again.md")
-    import benchmark
+    from bench.fmt import fmt_ratio
 
     speed = {r["id"]: r for r in data["models"][0]["rows"]}["answers.each_batched"]["metrics"]
-    assert benchmark.fmt_ratio(speed["speedup_vs_one_by_one"]) in again  # 2 decimals below 10x, 1 from 10x
+    assert fmt_ratio(speed["speedup_vs_one_by_one"]) in again  # 2 decimals below 10x, 1 from 10x
 
 
 def test_spread_is_median_min_max():
-    import benchmark
+    from bench.cli import apply_defaults, build_parser
+    from bench.fmt import spread
+    from bench.inputs import SECTIONS
+    from bench.measure import Row
 
-    row = benchmark.Row("x", "answers", "x", samples={"s": [1.2, 1.5, 1.4]}, metrics={"s": 1.4})
-    assert benchmark.spread(row, "s") == "1.40x (1.20x-1.50x)"
-    assert benchmark.spread(benchmark.Row("y", "answers", "y", status="skipped"), "s") == "-"
-    args = benchmark.build_parser().parse_args(["--only", "answers"])
-    benchmark.apply_defaults(args, torch.device("cpu"))
-    assert set(args.skip) == set(benchmark.SECTIONS) - {"answers"}
+    row = Row("x", "answers", "x", samples={"s": [1.2, 1.5, 1.4]}, metrics={"s": 1.4})
+    assert spread(row, "s") == "1.40x (1.20x-1.50x)"
+    assert spread(Row("y", "answers", "y", status="skipped"), "s") == "-"
+    args = build_parser().parse_args(["--only", "answers"])
+    apply_defaults(args, torch.device("cpu"))
+    assert set(args.skip) == set(SECTIONS) - {"answers"}
     assert args.folder_cache == "warm" and args.answers_images == 8 and args.folder_images == 16

@@ -69,14 +69,16 @@ def test_video_table_renders_and_rerenders(video_run, tmp_path):
 
 
 def test_video_defaults_per_device():
-    import benchmark
+    from bench.cli import apply_defaults, build_parser
+    from bench.inputs import SECTIONS
+    from bench.rows import video_row_labels, video_rows
 
     for device, quick, want in (("cpu", False, [("fast", 2), ("fast", 16), ("balanced", 2), ("high", 2)]),
                                 ("cuda", False, [("fast", 16), ("fast", 32), ("fast", 64), ("balanced", 32),
                                                  ("high", 32)]),
                                 ("cpu", True, [("fast", 2), ("fast", 4), ("balanced", 2), ("high", 2)])):
-        args = benchmark.build_parser().parse_args(["--only", "video"] + (["--quick"] if quick else []))
-        benchmark.apply_defaults(args, torch.device(device))
-        assert benchmark.video_rows(args) == want
-        assert set(args.skip) == set(benchmark.SECTIONS) - {"video"}
-        assert set(benchmark.video_row_labels(args)) == {f"video.{q}_{f}f" for q, f in want}
+        args = build_parser().parse_args(["--only", "video"] + (["--quick"] if quick else []))
+        apply_defaults(args, torch.device(device))
+        assert video_rows(args) == want
+        assert set(args.skip) == set(SECTIONS) - {"video"}
+        assert set(video_row_labels(args)) == {f"video.{q}_{f}f" for q, f in want}
