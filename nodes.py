@@ -250,7 +250,12 @@ class QwenVLFastLoadModel:
 
     def load(self, keep_model_loaded: bool, **inputs: Any) -> tuple[QwenVLHandle]:
         options = load_options(inputs)
-        ql.MANAGER.get(options)  # load now, so that a broken model fails at this node
+        try:
+            # Load now, so that a broken model fails at this node; Cancel ends a server backend's /models call.
+            ql.MANAGER.get(options, should_stop=comfy_glue.interrupted)
+        except ql.GenerationInterrupted:
+            comfy_glue.raise_interrupt()
+            raise
         return (QwenVLHandle(options, keep_model_loaded),)
 
 

@@ -7,10 +7,10 @@
 - ``run_once``: load or reuse, run one :class:`~engine.GenerationRequest`, report timings and tips, release
   if asked. The nodes, the folder captioner, the CLI and the benchmark's end-to-end rows all go through it.
 
-The rest of the engine, in the order an image travels: ``model_sources.py`` and ``download.py`` (where a
-model comes from), ``runtime_choice.py`` (device, dtype, attention, quantization), ``images.py`` (node
-input to pixels, cache lookup), ``engine.py`` (vision tower, prompt, generate), ``prompting.py``,
-``tf_compat.py``, ``caches.py``, ``weights_identity.py``.
+The rest, in the order an image travels: ``sources/`` (where a model comes from: models.py, download.py,
+weights_identity.py, tf_compat.py), ``engine/runtime_choice.py`` (device, dtype, attention, quantization),
+``vision/images.py`` (node input to pixels), ``embedding_cache.py`` (cache lookup), ``engine/model.py`` (vision
+tower, prompt, generate) and ``engine/prompting.py``; ``backends/openai_server.py`` answers from a server instead.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from .backends.openai_server import ServerModel, stop_during_load
-from .caches import clear_memory_caches, get_cache
+from .backends.openai_server import ServerModel
 from .core.api import (
     BACKENDS,
     BATCH_MODES,
@@ -36,7 +35,7 @@ from .core.api import (
     LoadOptions,
 )
 from .core.errors import GenerationInterrupted, ModelNotFoundError, QwenVLError
-from .embedding_cache import canonical_digest
+from .embedding_cache import canonical_digest, clear_memory_caches, get_cache
 from .engine.decode_compile import DECODE_COMPILE_CHOICES
 from .engine.model import QwenVLModel
 from .engine.prompting import split_thinking
@@ -72,9 +71,10 @@ from .vision.images import canonicalize_image, split_image_batch
 log = logging.getLogger("QwenVL-Fast")
 
 
-def load_model(options: LoadOptions) -> QwenVLModel | ServerModel:
+def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = None) -> QwenVLModel | ServerModel:
+    """``should_stop`` (Cancel) ends a server backend's load (its ``/models`` call); a local load ignores it."""
     if options.backend == "server":
-        return ServerModel(options)
+        return ServerModel(options, should_stop=should_stop)
     if options.backend != "local":
         raise QwenVLError(f"Unknown backend '{options.backend}': choose one of {', '.join(BACKENDS)}.")
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -172,14 +172,14 @@ class ModelManager:
             except Exception:
                 log.exception("[QwenVL-Fast] model-manager hook %s failed", getattr(hook, "__name__", hook))
 
-    def get(self, options: LoadOptions) -> tuple[Backend, bool]:
-        """(model, loaded_now)."""
+    def get(self, options: LoadOptions, should_stop: Callable[[], bool] | None = None) -> tuple[Backend, bool]:
+        """(model, loaded_now); ``should_stop`` as for ``load_model``."""
         with self._lock:
             if self.current is not None and self.current.options == options and self.current.usable:
                 return self.current, False
             self.release()
             self._call(self.before_load, options)
-            model = load_model(options)
+            model = load_model(options, should_stop)
             self.current = model
             self.load_count += 1
             self._call(self.on_load, model)
@@ -208,8 +208,7 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
     """Load (or reuse) a model, run one request, report timings and tips; release if asked."""
     manager = manager or MANAGER
     t0 = time.perf_counter()
-    with stop_during_load(request.should_stop):  # Cancel also ends a server backend's load (its /models call)
-        model, loaded_now = manager.get(options)
+    model, loaded_now = manager.get(options, should_stop=request.should_stop)
     load_s = time.perf_counter() - t0
     try:
         result = model.run(request)

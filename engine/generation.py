@@ -23,6 +23,7 @@ import torch
 
 from ..core.api import GenerationRequest
 from ..core.errors import GenerationInterrupted, QwenVLError
+from ..core.sampling import Sampling
 from ..embedding_cache import ImageEmbedding
 from ..perf_monitor import RunMonitor, TokenTimer
 from ..sources import tf_compat
@@ -173,20 +174,18 @@ class Generator:
 
     # -- settings -----------------------------------------------------------------------------
     def sampling_kwargs(self, req: GenerationRequest, max_new: int) -> dict[str, Any]:
-        """generate's sampling arguments; seeds torch with ``req.seed``."""
-        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new, min_new_tokens=min(req.min_new_tokens, max_new))
-        temperature = float(req.temperature)
-        if bool(req.do_sample) and temperature > 0:
-            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=min(max(float(req.top_p), 1e-6), 1.0),
-                              top_k=max(int(req.top_k), 0))
-        else:
+        """generate's sampling arguments (core/sampling.py's one mapping); seeds torch with ``req.seed``."""
+        s = Sampling.from_request(req, max_new)
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens)
+        if s.greedy:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if req.repetition_penalty and float(req.repetition_penalty) != 1.0:
-            gen_kwargs["repetition_penalty"] = max(float(req.repetition_penalty), 1e-3)
-        seed = int(req.seed) % (2**63)
-        torch.manual_seed(seed)
+        else:
+            gen_kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        if s.repetition_penalty is not None:
+            gen_kwargs["repetition_penalty"] = s.repetition_penalty
+        torch.manual_seed(s.seed)
         if self.device.type == "cuda":
-            torch.cuda.manual_seed_all(seed)
+            torch.cuda.manual_seed_all(s.seed)
         return gen_kwargs
 
     def fit_context(self, prompt_len: int, max_new: int) -> int:

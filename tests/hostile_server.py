@@ -7,6 +7,7 @@ Use it as a context manager; it listens on a free port, records what it received
         srv.url          # "http://127.0.0.1:PORT/v1", a server_url
         srv.origin       # "http://127.0.0.1:PORT", for $QWENVL_FAST_API_KEY_ORIGINS
         srv.requests     # [(method, path, headers)], headers a dict with lower-case names, in arrival order
+        srv.bodies       # the chat requests' JSON bodies, in arrival order
         srv.stalled      # a threading.Event, set once it starts withholding (silence, full backlog, 503, trickle)
         srv.mode = "ok"  # modes may change while it runs (requests read it when they arrive); no_accept is final
 
@@ -96,6 +97,7 @@ class HostileServer:
         self.huge_line_bytes, self.max_events = huge_line_bytes, max_events
         self.lifetime_s = lifetime_s
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.bodies: list[Any] = []  # per chat request, its JSON body (None where it was not JSON)
         self.events_sent: list[int] = []  # per chat request that streamed: events written before it ended
         # Set when the server starts withholding: silence, a full backlog, a 503 to wait on, a trickle.
         self.stalled = threading.Event()
@@ -234,8 +236,14 @@ class HostileServer:
                     index = self._chat_count
                     self._chat_count += 1
                 try:
-                    max_tokens = int(json.loads(body or b"{}").get("max_tokens") or len(TOKENS))
-                except (ValueError, AttributeError):
+                    payload = json.loads(body or b"{}")
+                except ValueError:
+                    payload = None
+                with self._lock:
+                    self.bodies.append(payload)
+                try:
+                    max_tokens = int(payload.get("max_tokens") or len(TOKENS))
+                except (ValueError, TypeError, AttributeError):
                     max_tokens = len(TOKENS)
                 self._chat(conn, self._applies("chat", index), headers, max_tokens)
             else:

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast.backends import api_key
 from qwenvl_fast.backends import openai_server as sb
+from qwenvl_fast.backends.http_transport import Endpoint, request_headers
 from vllm_server import vllm_server  # noqa: F401  (the session fixture: a real vLLM, or a skip)
 
 
@@ -37,19 +39,19 @@ def _images(n: int, h: int = 200, w: int = 300, seed: int = 0) -> list[torch.Ten
 
 # ------------------------------------------------------------------------------------- no server needed
 def test_endpoint_parsing_and_refusals():
-    assert sb.Endpoint.parse("http://127.0.0.1:8000/v1").url == "http://127.0.0.1:8000/v1"
-    assert sb.Endpoint.parse("127.0.0.1:8000").url == "http://127.0.0.1:8000/v1"
-    assert sb.Endpoint.parse("https://example.org/").port == 443
+    assert Endpoint.parse("http://127.0.0.1:8000/v1").url == "http://127.0.0.1:8000/v1"
+    assert Endpoint.parse("127.0.0.1:8000").url == "http://127.0.0.1:8000/v1"
+    assert Endpoint.parse("https://example.org/").port == 443
     with pytest.raises(sb.ServerError, match="needs server_url"):
-        sb.Endpoint.parse("")
+        Endpoint.parse("")
     with pytest.raises(sb.ServerError, match="must not carry credentials"):
-        sb.Endpoint.parse("http://user:secret@127.0.0.1:8000/v1")
+        Endpoint.parse("http://user:secret@127.0.0.1:8000/v1")
     with pytest.raises(sb.ServerError, match="not an http"):
-        sb.Endpoint.parse("ftp://127.0.0.1/v1")
+        Endpoint.parse("ftp://127.0.0.1/v1")
     for bad in ("http://127.0.0.1:99999/v1", "http://127.0.0.1:0/v1", "http://127.0.0.1:port/v1"):
         with pytest.raises(sb.ServerError, match="1 to 65535"):
-            sb.Endpoint.parse(bad)
-    assert sb.Endpoint.parse("http://[::1]:8000").url == "http://[::1]:8000/v1"
+            Endpoint.parse(bad)
+    assert Endpoint.parse("http://[::1]:8000").url == "http://[::1]:8000/v1"
 
 
 def test_server_down_names_the_url():
@@ -61,18 +63,18 @@ def test_server_down_names_the_url():
 
 
 def test_api_key_is_redacted_and_sent_only_to_listed_origins(monkeypatch):
-    monkeypatch.setenv(sb.API_KEY_ENV, "sk-do-not-show-0123")
-    assert "sk-do-not-show-0123" not in sb.redact("Bearer sk-do-not-show-0123 refused")
-    listed = sb.Endpoint.parse("https://API.example.com/v1")
-    assert "Authorization" not in sb._headers(listed)  # no origins listed: a workflow's URL alone gets no key
-    monkeypatch.setenv(sb.API_KEY_ORIGINS_ENV, " https://api.example.com:443/ , http://127.0.0.1:8000")
-    assert sb._headers(listed)["Authorization"] == "Bearer sk-do-not-show-0123"
-    assert "Authorization" in sb._headers(sb.Endpoint.parse("127.0.0.1:8000"))
+    monkeypatch.setenv(api_key.API_KEY_ENV, "sk-do-not-show-0123")
+    assert "sk-do-not-show-0123" not in api_key.redact("Bearer sk-do-not-show-0123 refused")
+    listed = Endpoint.parse("https://API.example.com/v1")
+    assert "Authorization" not in request_headers(listed)  # no origins listed: a workflow's URL alone gets no key
+    monkeypatch.setenv(api_key.API_KEY_ORIGINS_ENV, " https://api.example.com:443/ , http://127.0.0.1:8000")
+    assert request_headers(listed)["Authorization"] == "Bearer sk-do-not-show-0123"
+    assert "Authorization" in request_headers(Endpoint.parse("127.0.0.1:8000"))
     for other in ("http://api.example.com/v1", "https://api.example.com:8443/v1", "http://localhost:8000/v1",
                   "http://127.0.0.1:8001/v1"):
-        assert "Authorization" not in sb._headers(sb.Endpoint.parse(other)), other
-    monkeypatch.delenv(sb.API_KEY_ENV)
-    assert "Authorization" not in sb._headers(listed)
+        assert "Authorization" not in request_headers(Endpoint.parse(other)), other
+    monkeypatch.delenv(api_key.API_KEY_ENV)
+    assert "Authorization" not in request_headers(listed)
 
 
 def test_unknown_backend_is_a_clear_error():
@@ -192,13 +194,16 @@ def test_timeout_is_a_clear_error(vllm_server):
     opts = _options(vllm_server.url, server_timeout_s=0.001, server_retries=0)
     with pytest.raises(sb.ServerError) as err:
         _run(opts, _images(1, seed=5))
-    assert vllm_server.url in str(err.value) or "did not answer" in str(err.value)
+    message = str(err.value)
+    # The deadline's own words (the URL is in every error): its seconds and the setting to raise.
+    assert "within the 0.001s deadline" in message and "raise server_timeout_s" in message, message
+    assert vllm_server.url in message, message
     ql.MANAGER.release()
 
 
 def test_api_key_never_shows(vllm_server, monkeypatch, caplog):
     secret = "sk-qwenvl-test-secret-42"
-    monkeypatch.setenv(sb.API_KEY_ENV, secret)
+    monkeypatch.setenv(api_key.API_KEY_ENV, secret)
     caplog.set_level(logging.DEBUG)
     opts = _options(vllm_server.url)
     result = _run(opts, _images(1, seed=6))

@@ -18,6 +18,7 @@ import torch
 from hostile_server import NON_UTF8_TEXT, PLAIN_TEXT, REDIRECT_TO, TOKENS, HostileServer
 
 from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast.backends import api_key, sse, uploads
 from qwenvl_fast.backends import openai_server as sb
 from qwenvl_fast.perf_monitor import RunMonitor
 
@@ -56,15 +57,22 @@ def _shown(exc: BaseException, caplog) -> str:
     return "".join(parts)
 
 
-def _cancel(srv: HostileServer, record_property, answers: int = 1, **options) -> BaseException:
-    """Run in a thread, Cancel once the server stalls, and return what the run raised (it must end by itself)."""
+def _cancel(srv: HostileServer, record_property, answers: int = 1, call=None, arrived: int = 0,
+            **options) -> BaseException:
+    """Run in a thread, Cancel once the server stalls, and return what the run raised (it must end by itself).
+
+    ``call(should_stop)`` replaces the default run (``run_once`` of ``answers`` answers) when given; Cancel
+    waits until the server has received ``arrived`` requests (on a loaded machine a second one may lag)."""
     stop = threading.Event()
     outcome: dict[str, object] = {}
 
     def target() -> None:
         try:
-            outcome["result"] = _run(srv.url, _request(answers, should_stop=stop.is_set), server_timeout_s=300,
-                                     **options)
+            if call is not None:
+                outcome["result"] = call(stop.is_set)
+            else:
+                outcome["result"] = _run(srv.url, _request(answers, should_stop=stop.is_set), server_timeout_s=300,
+                                         **options)
         except BaseException as exc:
             outcome["error"] = exc
         outcome["ended"] = time.monotonic()
@@ -72,6 +80,9 @@ def _cancel(srv: HostileServer, record_property, answers: int = 1, **options) ->
     thread = threading.Thread(target=target, name="cancel-test", daemon=True)
     thread.start()
     assert srv.stalled.wait(GUARD_S), "the server never reached the phase under test"
+    waited = time.monotonic() + GUARD_S
+    while arrived and len(srv.requests) < arrived and time.monotonic() < waited:
+        time.sleep(0.05)
     time.sleep(0.2)  # the client is now blocked in that phase
     cancelled = time.monotonic()
     stop.set()
@@ -84,8 +95,8 @@ def _cancel(srv: HostileServer, record_property, answers: int = 1, **options) ->
 
 # ------------------------------------------------------------------------------------------ the API key
 def test_key_is_not_sent_to_an_origin_only_the_workflow_names(monkeypatch):
-    monkeypatch.setenv(sb.API_KEY_ENV, SECRET)
-    monkeypatch.delenv(sb.API_KEY_ORIGINS_ENV, raising=False)
+    monkeypatch.setenv(api_key.API_KEY_ENV, SECRET)
+    monkeypatch.delenv(api_key.API_KEY_ORIGINS_ENV, raising=False)
     with HostileServer() as srv:
         assert _run(srv.url).texts == ["".join(TOKENS)]
         assert [path for _, path, _ in srv.requests] == ["/v1/models", "/v1/chat/completions"]
@@ -95,16 +106,16 @@ def test_key_is_not_sent_to_an_origin_only_the_workflow_names(monkeypatch):
 @pytest.mark.parametrize("listed", ["{origin}", "HTTP://127.0.0.1:{port}/", "https://x.example, {origin}/v1"])
 def test_key_is_sent_to_a_listed_origin(monkeypatch, listed):
     with HostileServer() as srv:
-        monkeypatch.setenv(sb.API_KEY_ENV, SECRET)
-        monkeypatch.setenv(sb.API_KEY_ORIGINS_ENV, listed.format(origin=srv.origin, port=srv.port))
+        monkeypatch.setenv(api_key.API_KEY_ENV, SECRET)
+        monkeypatch.setenv(api_key.API_KEY_ORIGINS_ENV, listed.format(origin=srv.origin, port=srv.port))
         _run(srv.url)
         assert srv.authorizations() == [f"Bearer {SECRET}"] * 2
 
 
 def test_localhost_is_not_the_same_origin_as_127_0_0_1(monkeypatch):
     with HostileServer() as srv:
-        monkeypatch.setenv(sb.API_KEY_ENV, SECRET)
-        monkeypatch.setenv(sb.API_KEY_ORIGINS_ENV, f"http://localhost:{srv.port}")
+        monkeypatch.setenv(api_key.API_KEY_ENV, SECRET)
+        monkeypatch.setenv(api_key.API_KEY_ORIGINS_ENV, f"http://localhost:{srv.port}")
         _run(srv.url)
         assert srv.authorizations() == [None, None]
 
@@ -112,8 +123,8 @@ def test_localhost_is_not_the_same_origin_as_127_0_0_1(monkeypatch):
 @pytest.mark.parametrize("on", ["models", "chat"])
 def test_redirect_is_an_error_naming_the_target_and_never_followed(monkeypatch, on):
     with HostileServer("redirect", on=on) as srv:
-        monkeypatch.setenv(sb.API_KEY_ENV, SECRET)
-        monkeypatch.setenv(sb.API_KEY_ORIGINS_ENV, srv.origin)
+        monkeypatch.setenv(api_key.API_KEY_ENV, SECRET)
+        monkeypatch.setenv(api_key.API_KEY_ORIGINS_ENV, srv.origin)
         with pytest.raises(sb.ServerError) as err:
             _run(srv.url, server_retries=0)
         message = str(err.value)
@@ -124,18 +135,18 @@ def test_redirect_is_an_error_naming_the_target_and_never_followed(monkeypatch, 
 
 def test_401_from_an_unlisted_origin_names_the_variable_and_the_origin(monkeypatch):
     with HostileServer("unauthorized", on="models") as srv:
-        monkeypatch.setenv(sb.API_KEY_ENV, SECRET)
-        monkeypatch.delenv(sb.API_KEY_ORIGINS_ENV, raising=False)
+        monkeypatch.setenv(api_key.API_KEY_ENV, SECRET)
+        monkeypatch.delenv(api_key.API_KEY_ORIGINS_ENV, raising=False)
         with pytest.raises(sb.ServerError) as err:
             _run(srv.url)
-        assert f"add {srv.origin} to ${sb.API_KEY_ORIGINS_ENV}" in str(err.value), str(err.value)
-        monkeypatch.setenv(sb.API_KEY_ORIGINS_ENV, srv.origin)
+        assert f"add {srv.origin} to ${api_key.API_KEY_ORIGINS_ENV}" in str(err.value), str(err.value)
+        monkeypatch.setenv(api_key.API_KEY_ORIGINS_ENV, srv.origin)
         with pytest.raises(sb.ServerError, match="refused the API key"):
             _run(srv.url)
-        monkeypatch.delenv(sb.API_KEY_ENV)
+        monkeypatch.delenv(api_key.API_KEY_ENV)
         with pytest.raises(sb.ServerError) as err:
             _run(srv.url)
-        assert f"set ${sb.API_KEY_ENV}" in str(err.value) and srv.origin in str(err.value)
+        assert f"set ${api_key.API_KEY_ENV}" in str(err.value) and srv.origin in str(err.value)
 
 
 @pytest.mark.parametrize("bad", ["\n", "\r", "\u20ac", "\x07", "\x7f"])
@@ -143,11 +154,11 @@ def test_key_with_a_character_no_header_can_carry_is_a_clear_error_that_never_sh
     key = f"sk-hostile{bad}SECRET-4242"
     caplog.set_level(logging.DEBUG)
     with HostileServer() as srv:
-        monkeypatch.setenv(sb.API_KEY_ENV, key)
-        monkeypatch.setenv(sb.API_KEY_ORIGINS_ENV, srv.origin)
+        monkeypatch.setenv(api_key.API_KEY_ENV, key)
+        monkeypatch.setenv(api_key.API_KEY_ORIGINS_ENV, srv.origin)
         with pytest.raises(sb.ServerError) as err:
             _run(srv.url)
-        assert sb.API_KEY_ENV in str(err.value) and "cannot be sent in an HTTP header" in str(err.value)
+        assert api_key.API_KEY_ENV in str(err.value) and "cannot be sent in an HTTP header" in str(err.value)
         shown = _shown(err.value, caplog)
         assert "SECRET-4242" not in shown and "sk-hostile" not in shown
         assert srv.requests == []  # refused before anything was sent
@@ -157,8 +168,8 @@ def test_key_with_a_character_no_header_can_carry_is_a_clear_error_that_never_sh
 def test_a_status_line_echoing_the_key_never_shows_it(monkeypatch, caplog, on):
     caplog.set_level(logging.DEBUG)
     with HostileServer("echo_auth_status", on=on) as srv:
-        monkeypatch.setenv(sb.API_KEY_ENV, SECRET)
-        monkeypatch.setenv(sb.API_KEY_ORIGINS_ENV, srv.origin)
+        monkeypatch.setenv(api_key.API_KEY_ENV, SECRET)
+        monkeypatch.setenv(api_key.API_KEY_ORIGINS_ENV, srv.origin)
         with pytest.raises(sb.ServerError) as err:
             _run(srv.url)
         assert "not an HTTP answer" in str(err.value) and srv.url in str(err.value)
@@ -192,9 +203,38 @@ def test_cancel_ends_the_models_call_at_load(mode, record_property):
         assert ql.MANAGER.current is None
 
 
+class _ComfyInterrupt(Exception):
+    """Stands for ComfyUI's InterruptProcessingException (ComfyUI is absent in unit tests)."""
+
+
+@pytest.mark.parametrize("host", ["comfyui", "none"])
+@pytest.mark.parametrize("mode", ["no_accept", "silent_after_headers"])
+def test_cancel_ends_a_load_model_nodes_models_call(mode, host, monkeypatch, record_property):
+    from qwenvl_fast import nodes
+
+    def comfy_raise_interrupt() -> None:
+        raise _ComfyInterrupt  # what ComfyUI's throw_exception_if_processing_interrupted does after a Cancel
+
+    if host == "comfyui":
+        monkeypatch.setattr(nodes.comfy_glue, "raise_interrupt", comfy_raise_interrupt)
+    with HostileServer(mode, on="models") as srv:
+
+        def load(should_stop) -> object:
+            monkeypatch.setattr(nodes.comfy_glue, "interrupted", should_stop)  # the node asks ComfyUI's flag
+            return nodes.QwenVLFastLoadModel().load(True, model="(served)", backend="server", server_url=srv.url)
+
+        error = _cancel(srv, record_property, call=load)
+        assert [p for _, p, _ in srv.requests] == ([] if mode == "no_accept" else ["/v1/models"])
+    if host == "comfyui":  # ComfyUI's own exception, so the run ends as interrupted, not failed
+        assert isinstance(error, _ComfyInterrupt) and isinstance(error.__context__, ql.GenerationInterrupted)
+    else:
+        assert isinstance(error, ql.GenerationInterrupted), repr(error)
+    assert ql.MANAGER.current is None
+
+
 def test_cancel_of_several_in_flight_ends_them_all(record_property):
     with HostileServer("one_token_then_silence") as srv:
-        error = _cancel(srv, record_property, answers=4, server_max_in_flight=2)
+        error = _cancel(srv, record_property, answers=4, server_max_in_flight=2, arrived=1 + 2)
         assert isinstance(error, ql.GenerationInterrupted), repr(error)
         assert len(srv.requests) == 1 + 2  # /models, then the two in flight; the queued two never went
 
@@ -279,7 +319,7 @@ def test_event_lines_split_anywhere_are_read_whole():
             return self.parts.pop(0) if self.parts else b""
 
     for size in (1, 7, 4096):
-        got = list(sb._sse_events(Pieces(events, size)))
+        got = list(sse.sse_events(Pieces(events, size)))
         assert [e["n"] for e in got[:-1]] == list(range(2000)) and got[-1] is None
 
 
@@ -333,20 +373,24 @@ def test_a_port_out_of_range_is_a_server_error():
 # ------------------------------------------------------------------------------------------ the upload memo
 def test_the_upload_memo_is_bounded_in_bytes(monkeypatch):
     with HostileServer() as srv:
-        model, _ = ql.MANAGER.get(_options(srv.url))
-        monkeypatch.setattr(sb, "UPLOAD_MEMO_BYTES", 600_000)
+        default = sb.ServerModel(_options(srv.url))
+        assert default.uploads.memo.max_bytes == 64 << 20  # the bound a model gets unless told otherwise
+        monkeypatch.setattr(uploads, "UPLOAD_MEMO_BYTES", 600_000)  # read when a model loads
+        model = sb.ServerModel(_options(srv.url))
         images = _images(6, 256, 256, seed=1)  # noise: each PNG upload is about 260 KB of base64
         for i, image in enumerate(images):
             model.prepare_uploads([image], "native", RunMonitor(enabled=False))
             assert 0 < model.upload_memo_bytes() <= 600_000, (i, model.upload_memo_bytes())
+        assert model.uploads.memo.evictions > 0  # the bound was reached, not just respected by chance
         again = model.prepare_uploads(images[-1:], "native", RunMonitor(enabled=False))
         assert again[0]["record"]["cache"] == "client-memo"  # the newest stays
-        monkeypatch.setattr(sb, "UPLOAD_MEMO_BYTES", 100_000)  # smaller than one upload: never memoised
+        monkeypatch.setattr(uploads, "UPLOAD_MEMO_BYTES", 100_000)  # smaller than one upload: never memoised
+        small = sb.ServerModel(_options(srv.url))
         big = _images(1, 256, 256, seed=2)
-        before = model.upload_memo_bytes()
         for _ in range(2):
-            out = model.prepare_uploads(big, "native", RunMonitor(enabled=False))
-            assert out[0]["record"]["cache"] == "encoded" and model.upload_memo_bytes() == before
+            out = small.prepare_uploads(big, "native", RunMonitor(enabled=False))
+            assert out[0]["record"]["cache"] == "encoded" and small.upload_memo_bytes() == 0
+        assert out[0]["record"]["upload_bytes"] > 100_000
 
 
 # ------------------------------------------------------------------------------------------ per-answer errors
@@ -368,7 +412,7 @@ def test_one_answer_failing_on_its_own_is_reported_at_its_index(mode, words, tim
 
 
 def test_a_fault_that_hits_every_answer_still_raises_with_per_answer_errors(monkeypatch):
-    monkeypatch.delenv(sb.API_KEY_ENV, raising=False)
+    monkeypatch.delenv(api_key.API_KEY_ENV, raising=False)
     with HostileServer("unauthorized", only={1}) as srv:
         with pytest.raises(sb.ServerError, match="asks for an API key"):
             _run(srv.url, _request(3, per_answer_errors=True), server_max_in_flight=1)
