@@ -23,14 +23,15 @@ def to_markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["# Qwen-VL Fast benchmark", "", "```", meta["command"], "```", "",
              f"- machine: {hw}; load average at start {mach.get('load_average')}",
              f"- torch {mach['torch']}, transformers {mach['transformers']}, Python {mach['python']}",
-             f"- device {meta['device']}, dtype {meta['dtype']}, image {args.image_size}x{args.image_size}, "
-             f"repeats {args.repeats} (multi-image {args.multi_repeats or args.repeats}), warm-up rounds "
-             f"{args.warmup}, cache hits {args.hit_repeats} per round",
+             (f"- device {meta['device']}, dtype {meta['dtype']}, image {args.image_size}x{args.image_size}, "
+              f"repeats {args.repeats} (multi-image {args.multi_repeats or args.repeats}), warm-up rounds "
+              f"{args.warmup}, cache hits {args.hit_repeats} per round" if meta["models"] else
+              f"- device {meta['device']}"),
              (f"- models: {', '.join(meta['models'])} (synthetic: real architecture, random weights; `@N` = N text "
               "layers, the vision tower is full size)" if meta["models"] else
               "- models: none (only the preprocessing section ran: it builds no model)"),
              f"- started {meta['started']}, took {fmt_time(meta.get('elapsed_s'))}"]
-    if args.repeats < 3 and not args.quick:
+    if args.repeats < 3 and not args.quick and meta["models"]:
         lines.append(f"- note: {args.repeats} timed round(s) of each expensive row (a vision-tower variant costs "
                      "seconds to minutes here), so a 'median' is " + ("that one sample" if args.repeats == 1 else
                                                                      "the mean of the two samples")
