@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from .. import quality_presets as qp
-from ..caches import get_cache
 from ..core.api import ANSWER_BATCH_TOKENS, BATCH_MODES, GenerationRequest, GenerationResult, LoadOptions
 from ..core.errors import QwenVLError
-from ..embedding_cache import ImageEmbedding
+from ..embedding_cache import ImageEmbedding, get_cache
 from ..perf_monitor import TIPS, RunMonitor, RunRecord
 from ..sources import tf_compat
 from ..sources.models import FamilyInfo, ModelSource

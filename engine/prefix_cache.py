@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..core.lru import LRU
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -85,63 +86,58 @@ def snapshot(cache: Any, tokens: int, rope_deltas: torch.Tensor) -> PrefixEntry 
 
 
 class PrefixCache:
-    """An LRU of prefix entries bounded in bytes. Keys: (model identity, image keys, exact prefix token ids)."""
+    """An LRU of prefix entries bounded in bytes (``core.lru.LRU``). Keys: (model identity, image keys, exact
+    prefix token ids). Counts its hits and misses; the LRU counts evictions."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[tuple, PrefixEntry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._lru: LRU[PrefixEntry] = LRU(max_bytes=int(max_bytes), sizeof=lambda entry: entry.nbytes)
+        self._count_lock = threading.Lock()  # the LRU locks itself; the counters are ours
         self.hits = 0
         self.misses = 0
-        self.evictions = 0
 
     @staticmethod
     def key(identity: str, image_keys: list[Any], prefix_ids: torch.Tensor) -> tuple:
         return (identity, tuple(str(k) for k in image_keys), tuple(int(t) for t in prefix_ids.reshape(-1).tolist()))
 
     @property
+    def max_bytes(self) -> int:
+        return int(self._lru.max_bytes or 0)
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:  # a new budget binds from the next put on
+        self._lru.max_bytes = int(value)
+
+    @property
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
     def get(self, key: tuple) -> PrefixEntry | None:
-        with self._lock:
-            entry = self._entries.get(key)
+        entry = self._lru.get(key)
+        with self._count_lock:
             if entry is None:
                 self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
+            else:
+                self.hits += 1
+        return entry
 
     def put(self, key: tuple, entry: PrefixEntry) -> bool:
         """Keep ``entry`` (evicting the least recently used); False if it alone exceeds the budget."""
-        with self._lock:
-            if entry.nbytes > self.max_bytes:
-                return False
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            while self._entries and self._bytes + entry.nbytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.nbytes
-                self.evictions += 1
-            self._entries[key] = entry
-            self._bytes += entry.nbytes
-            return True
+        return self._lru.put(key, entry)
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+        self._lru.clear()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru)
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._lru.nbytes
+
+    @property
+    def evictions(self) -> int:
+        return self._lru.evictions
 
     def info(self) -> dict[str, Any]:
-        return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
-                "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+        return {"entries": len(self._lru), "bytes": self._lru.nbytes, "max_bytes": self.max_bytes,
+                "hits": self.hits, "misses": self.misses, "evictions": self._lru.evictions}

@@ -67,7 +67,7 @@ def models_dir(tmp_path_factory):
 def isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own disk-cache folder and a fresh process-wide cache and model manager."""
     monkeypatch.setenv("QWENVL_FAST_CACHE_DIR", str(tmp_path / "cache"))
-    from qwenvl_fast import caches
+    from qwenvl_fast import embedding_cache as caches
     from qwenvl_fast import qwenvl_loader as ql
 
     caches._CACHES.clear()

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from conftest import load_tiny, tiny_request
-from qwenvl_fast import caches
 from qwenvl_fast import embedding_cache as ec
 
 FAMILY = "tiny-qwen2.5-vl"
@@ -31,18 +30,18 @@ def image(seed: int, h: int = 90, w: int = 120) -> torch.Tensor:
 
 def restart() -> None:
     """As after a restart: the process-wide caches (and their open index) are gone, the folder stays."""
-    for cache in caches._CACHES.values():
+    for cache in ec._CACHES.values():
         if cache.disk is not None:
             cache.disk.close()
-    caches._CACHES.clear()
+    ec._CACHES.clear()
 
 
 def run_one(models_dir, img: torch.Tensor):
     """One run of the tiny model on ``img``; its result and the image's cache key."""
     model = load_tiny(models_dir, FAMILY)
-    before = set(caches.get_cache().memory._items)
+    before = set(ec.get_cache().memory._lru._items)
     result = model.run(tiny_request([img]))
-    new = [k for k in caches.get_cache().memory._items if k not in before]
+    new = [k for k in ec.get_cache().memory._lru._items if k not in before]
     return result, (new[0] if new else None)
 
 
@@ -104,7 +103,7 @@ def test_a_flipped_byte_is_a_miss_and_the_answer_is_unchanged(models_dir, isolat
         second, _ = run_one(models_dir, img)
     assert second.record.images[0]["cache"] == "miss"
     assert second.token_ids == first.token_ids
-    cache = caches.get_cache()
+    cache = ec.get_cache()
     assert cache.stats.corrupt_entries == 1 and cache.stats.disk_hits == 0
     assert not path.exists(), "the damaged entry's file was not deleted"
     notes = [r for r in caplog.records if "damaged disk-cache entry" in r.getMessage()]
@@ -130,7 +129,7 @@ def test_swapped_entries_are_misses_and_each_image_keeps_its_answer(models_dir, 
     again_b, _ = run_one(models_dir, b)
     assert [again_a.record.images[0]["cache"], again_b.record.images[0]["cache"]] == ["miss", "miss"]
     assert again_a.token_ids == first_a.token_ids and again_b.token_ids == first_b.token_ids
-    assert caches.get_cache().stats.corrupt_entries == 2
+    assert ec.get_cache().stats.corrupt_entries == 2
 
 
 def test_another_entry_relabelled_with_this_key_is_a_miss(models_dir, isolated_cache):
@@ -149,7 +148,7 @@ def test_another_entry_relabelled_with_this_key_is_a_miss(models_dir, isolated_c
     restart()
     again, _ = run_one(models_dir, a)
     assert again.record.images[0]["cache"] == "miss" and again.token_ids == first_a.token_ids
-    assert caches.get_cache().stats.corrupt_entries == 1
+    assert ec.get_cache().stats.corrupt_entries == 1
 
 
 @pytest.mark.parametrize("keep", [0, 7, "header", "half", -1])
@@ -163,7 +162,7 @@ def test_a_truncated_entry_file_is_a_miss(models_dir, isolated_cache, keep):
     restart()
     second, _ = run_one(models_dir, img)
     assert second.record.images[0]["cache"] == "miss" and second.token_ids == first.token_ids
-    assert caches.get_cache().stats.corrupt_entries == 1 and not path.exists()
+    assert ec.get_cache().stats.corrupt_entries == 1 and not path.exists()
     restart()
     assert run_one(models_dir, img)[0].record.images[0]["cache"] == "disk"
 
@@ -259,7 +258,7 @@ def test_a_corrupt_index_is_moved_aside_and_the_tier_starts_afresh(models_dir, i
     assert len(warnings) == 1, warnings
     assert str(moved[0]) in warnings[0] and "corrupt" in warnings[0] and "disabled" not in warnings[0]
     assert not old_file.exists(), "an entry file of the old index was left behind, outside any bound"
-    info = caches.get_cache().info()
+    info = ec.get_cache().info()
     assert info["disk_enabled"] and info["disk_index_resets"] == 1 and info["disk_entries"] == 1
     restart()
     third, _ = run_one(models_dir, img)

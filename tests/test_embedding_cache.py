@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_FAMILIES, load_tiny, tiny_request
-from qwenvl_fast import caches
 from qwenvl_fast import embedding_cache as ec
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.vision import images as image_pipeline
@@ -105,7 +104,7 @@ def test_disk_tier_serves_a_new_cache_object(models_dir):
     model = load(models_dir, "tiny-qwen3-vl")
     imgs = images(1, seed=5)
     first = model.run(request(imgs))
-    caches._CACHES.clear()  # as after a restart: the memory tier is gone, the folder stays
+    ec._CACHES.clear()  # as after a restart: the memory tier is gone, the folder stays
     calls, handle = count_vision_calls(model)
     try:
         second = model.run(request(imgs))
@@ -140,20 +139,20 @@ def test_corrupt_and_foreign_disk_entries_are_recomputed(models_dir, isolated_ca
     model = load(models_dir, "tiny-qwen2.5-vl")
     imgs = images(1, seed=9)
     first = model.run(request(imgs))
-    key = ql.get_cache().memory._items.copy().popitem()[0]
-    caches._CACHES.clear()
+    key = ql.get_cache().memory._lru._items.copy().popitem()[0]
+    ec._CACHES.clear()
     raw = diskcache.Cache(str(isolated_cache))
     good = raw.get(key)
     for bad in (good[: len(good) // 2], b"garbage" * 10, ec.serialize_embedding("another-key", ec.deserialize_embedding(
             key, good))):
         raw.set(key, bad)
-        caches._CACHES.clear()
+        ec._CACHES.clear()
         result = model.run(request(imgs))
         assert result.record.images[0]["cache"] == "miss"
         assert result.token_ids == first.token_ids
     # A pickled object written by someone else is never unpickled.
     raw.set(key, {"evil": "pickle"})
-    caches._CACHES.clear()
+    ec._CACHES.clear()
     result = model.run(request(imgs))
     assert result.record.images[0]["cache"] == "miss" and result.token_ids == first.token_ids
     raw.close()
@@ -168,7 +167,7 @@ def test_read_only_cache_folder_still_runs(models_dir, tmp_path, monkeypatch, ca
         folder.mkdir()
         folder.chmod(0o500)
     monkeypatch.setenv("QWENVL_FAST_CACHE_DIR", str(folder / "sub"))
-    caches._CACHES.clear()
+    ec._CACHES.clear()
     model = load(models_dir, "tiny-qwen2.5-vl")
     with caplog.at_level("WARNING", logger="QwenVL-Fast"):
         a = model.run(request(images(1)))

@@ -10,11 +10,13 @@ import sqlite3
 import sys
 import types
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 
 from qwenvl_fast import embedding_cache as ec
+from qwenvl_fast.cache import location
 
 # -- digest memo ---------------------------------------------------------------------------------
 
@@ -296,7 +298,7 @@ def test_disk_tier_has_no_dead_lock_attribute(tmp_path):
 
 @pytest.fixture
 def no_host_root(monkeypatch):
-    monkeypatch.setattr(ec, "_host_cache_root", None)  # restored after the test
+    monkeypatch.setattr(location, "_host_cache_root", None)  # restored after the test
     monkeypatch.delenv(ec.CACHE_DIR_ENV, raising=False)
 
 
@@ -317,6 +319,28 @@ def test_host_root_is_used_and_the_env_var_wins(tmp_path, monkeypatch, no_host_r
     monkeypatch.delenv(ec.CACHE_DIR_ENV)
     ec.set_default_cache_root(None)
     assert ec.default_cache_dir() == tmp_path / "xdg" / "qwenvl-fast"
+
+
+def test_default_cache_dir_is_platformdirs_user_cache_dir(tmp_path, monkeypatch, no_host_root):
+    """With neither the env var nor a host root: platformdirs' user cache folder, which on Linux honours
+    XDG_CACHE_HOME and else is ~/.cache (the old code used ~/.cache on macOS and Windows too)."""
+    import platformdirs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ec.default_cache_dir() == tmp_path / "xdg" / "qwenvl-fast"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = Path(platformdirs.user_cache_dir("qwenvl-fast", appauthor=False))
+    assert ec.default_cache_dir() == expected
+    if sys.platform.startswith("linux"):
+        assert expected == tmp_path / "home" / ".cache" / "qwenvl-fast"
+    assert not (tmp_path / "home").exists()  # asking for the folder creates nothing
+
+
+def test_without_platformdirs_the_cache_still_has_a_folder(tmp_path, monkeypatch, no_host_root):
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # import platformdirs raises ImportError
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ec.default_cache_dir() == tmp_path / "home" / ".cache" / "qwenvl-fast"
 
 
 def test_default_cache_dir_imports_no_comfyui_module(tmp_path, monkeypatch, no_host_root):

@@ -14,7 +14,6 @@ import torch
 from PIL import Image, ImageFile
 
 from conftest import TINY_FAMILIES, load_tiny, tiny_request
-from qwenvl_fast import caches
 from qwenvl_fast import embedding_cache as ec
 from qwenvl_fast.core.errors import QwenVLError
 from qwenvl_fast.vision import images, video
@@ -379,6 +378,6 @@ def test_uint8_file_and_its_float_version_share_the_cache_entry_and_the_answer(m
     assert old.record.images[0]["cache"] == "miss"
     assert new.record.images[0]["cache"] == "memory"  # the same cache key
     assert new.token_ids == old.token_ids
-    caches.clear_memory_caches()
+    ec.clear_memory_caches()
     uncached = model.run(tiny_request([images.load_image_file(path)], enable_image_cache=False))
     assert uncached.token_ids == old.token_ids

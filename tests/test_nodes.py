@@ -22,7 +22,8 @@ def pack():
 @pytest.fixture
 def nodes(pack, models_dir, monkeypatch):
     monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(models_dir))
-    from qwenvl_fast import caches, nodes
+    from qwenvl_fast import embedding_cache as caches
+    from qwenvl_fast import nodes
     from qwenvl_fast import qwenvl_loader as ql
 
     caches._CACHES.clear()
@@ -255,7 +256,7 @@ def test_importing_the_pack_loads_and_writes_nothing(tmp_path):
         "ql = sys.modules['p.qwenvl_loader']\n"
         "assert ql.MANAGER.current is None and ql.MANAGER.load_count == 0\n"
         "assert not torch.cuda.is_initialized()\n"
-        "assert not sys.modules['p.caches']._CACHES\n"
+        "assert not sys.modules['p.embedding_cache']._CACHES\n"
         "print('ok')\n"
     )
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(home / "xdg")}

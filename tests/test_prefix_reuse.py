@@ -37,7 +37,7 @@ def reference(model, imgs, question, **overrides):
 
 
 def kept_tensors(model):
-    return [t.clone() for entry in model.prefix_cache._entries.values() for kv in entry.layers for t in kv]
+    return [t.clone() for entry in model.prefix_cache._lru._items.values() for kv in entry.layers for t in kv]
 
 
 @needs_reuse

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, load_tiny
-from qwenvl_fast import caches
+from qwenvl_fast import embedding_cache as ec
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.core.errors import GenerationInterrupted, QwenVLError
 from qwenvl_fast.sources import tf_compat
@@ -129,9 +129,9 @@ def test_embedding_equals_model_video_features_and_chunks_agree(models_dir, fami
         result = ask(model, video.VideoClip(clip, 6.0), max_frames=12, enable_image_cache=True, disk_cache=False)
         assert model.vision_calls - calls == len(video.chunk_bounds(6))
         assert result.record.videos[0]["cache"] == "miss"
-        cached = caches.get_cache(False).get(_clip_key(model, clip, 6.0, 12), model.device)[0]
+        cached = ec.get_cache(False).get(_clip_key(model, clip, 6.0, 12), model.device)[0]
         embeddings[chunk] = cached
-        caches.clear_memory_caches()
+        ec.clear_memory_caches()
     for chunk, emb in embeddings.items():
         assert emb.grid == (6, h // model.family.patch_size, w // model.family.patch_size)
         assert torch.allclose(emb.embeds, reference, atol=1e-5, rtol=1e-4), f"chunk {chunk} differs from the model"
@@ -147,7 +147,7 @@ def _clip_key(model, frames, fps, max_frames, quality="fast"):
     from qwenvl_fast.perf_monitor import RunMonitor
 
     prepared = video.prepare_videos([video.VideoClip(frames, fps)], quality, max_frames, model.image_spec,
-                                    caches.get_cache(False), RunMonitor(enabled=False), model.cache_key_extra)
+                                    ec.get_cache(False), RunMonitor(enabled=False), model.cache_key_extra)
     return prepared[0].key
 
 
@@ -159,7 +159,7 @@ def test_repeated_clip_skips_the_vision_tower_memory_and_disk(models_dir):
     calls = model.vision_calls
     second = ask(model, clip, disk_cache=True, prompt="Another question?")
     assert second.record.videos[0]["cache"] == "memory" and model.vision_calls == calls
-    caches.clear_memory_caches()
+    ec.clear_memory_caches()
     third = ask(model, clip, disk_cache=True)
     assert third.record.videos[0]["cache"] == "disk" and model.vision_calls == calls
     assert third.token_ids == first.token_ids
@@ -215,7 +215,7 @@ def test_cancel_between_chunks_leaves_the_model_usable(models_dir, monkeypatch):
     with pytest.raises(GenerationInterrupted):
         ask(model, clip, max_frames=8, on_progress=on_progress, should_stop=lambda: stop["now"])
     assert model.vision_calls - calls == 1 and progress == [(1, 4)]
-    assert caches.get_cache(False).memory.get(_clip_key(model, clip.frames, 4.0, 8)) is None
+    assert ec.get_cache(False).memory.get(_clip_key(model, clip.frames, 4.0, 8)) is None
     done = ask(model, clip, max_frames=8)  # nothing half-cached, the model answers
     assert done.record.videos[0]["cache"] == "miss" and len(done.token_ids[0]) == 8
 

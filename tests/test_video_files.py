@@ -168,3 +168,65 @@ def test_file_backed_video_on_the_node_matches_the_same_frames_as_images(tmp_pat
 
     fallback = nodes.QwenVLFastRun().run(video_clip=Unreadable(str(tmp_path / "nope.mp4")), **base)["result"]
     assert json.loads(fallback[2])["videos"][0]["cache"] == "memory" and fallback[0] == as_file[0]
+
+
+def write_cut_mp4(path, frames, fps, keep=None):
+    """An mp4 whose header (moov, written first) counts every frame, cut after the first ``keep`` frames' data
+    (None: not cut): what a download or a recording cut short leaves."""
+    full = path.with_name(path.stem + "-full.mp4")
+    with av.open(str(full), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame.numpy(), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(full)) as container:
+        starts = [p.pos for p in container.demux(container.streams.video[0]) if p.size]
+    data = full.read_bytes()
+    path.write_bytes(data if keep is None else data[:starts[keep]])
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_a_video_whose_header_overstates_its_frames_is_timed_by_the_frames_it_has(tmp_path, models_dir, family):
+    """16 frames claimed, 10 decodable: sampled, timed and given second_per_grid_ts as the 10-frame video it is."""
+    if family not in TINY_FAMILIES:
+        pytest.skip(f"needs {family}")
+    from qwenvl_fast.perf_monitor import RunMonitor
+
+    frames = clip_frames(16, 64, 96, seed=6)
+    cut = tmp_path / "cut.mp4"
+    write_cut_mp4(cut, frames, fps=10, keep=10)
+    with av.open(str(cut)) as container:
+        stream = container.streams.video[0]
+        assert stream.frames == 16  # the header still claims them all
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    assert len(decoded) == 10
+    clip = video.load_video_file(cut, max_frames=8)
+    assert clip.source_total == 10 and clip.source_indices == video.sample_indices(10, 8, 2) == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert torch.equal(clip.frames, torch.stack([torch.from_numpy(decoded[i]) for i in clip.source_indices]))
+
+    truthful = tmp_path / "ten.mp4"
+    write_cut_mp4(truthful, frames[:10], fps=10)  # whole: a header that counts its 10 frames
+    honest = video.load_video_file(truthful, max_frames=8)
+    assert (honest.source_total, honest.source_indices) == (10, clip.source_indices)
+
+    model = load_tiny(models_dir, family, dtype="fp32")
+
+    def prompt_inputs(c):
+        [prepared] = video.prepare_videos([c], "fast", 8, model.image_spec, None, RunMonitor(enabled=False))
+        return prepared, model.build_inputs("What happens?", "", [], [prepared])
+
+    prepared, inputs = prompt_inputs(clip)
+    _, honest_inputs = prompt_inputs(honest)
+    assert torch.equal(inputs["input_ids"], honest_inputs["input_ids"])
+    assert prepared.times == pytest.approx([0.05, 0.25, 0.55, 0.75])  # (first + last frame of a patch) / 2 / fps
+    if family == "tiny-qwen2.5-vl":
+        # 8 of 10 frames at 10 fps: 8 frames a second sampled, 2 per temporal patch (not 2 / (4 / 16 * 10) = 0.8)
+        assert inputs["second_per_grid_ts"].tolist() == pytest.approx([0.25])
+        assert honest_inputs["second_per_grid_ts"].tolist() == pytest.approx([0.25])
+    else:
+        text = model.tokenizer.decode(inputs["input_ids"][0])
+        assert [f"<{t:.1f} seconds>" in text for t in (0.05, 0.25, 0.55, 0.75)] == [True] * 4
+        assert "<1.5 seconds>" not in text

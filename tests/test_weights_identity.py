@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_request
-from qwenvl_fast import caches
+from qwenvl_fast import embedding_cache as caches
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.sources import synthetic
 from qwenvl_fast.sources import weights_identity as wi

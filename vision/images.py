@@ -1,8 +1,9 @@
 """From a ComfyUI IMAGE to the vision tower's input: split, canonicalise, budget, cache lookup, pixels.
 
 Read in order: :func:`split_image_batch` (the node's tensor into images), :func:`canonicalize_image` (any
-image into uint8 RGB), :func:`prepare_images` (digest, preset budget, size, grid and cache lookup per
-image), :func:`pixel_values_for` (the misses into ``pixel_values`` on the model's device).
+image into uint8 RGB), :func:`image_identity` (digest, size and detail score, through the digest memo),
+:func:`prepare_images` (preset budget, size, grid and cache lookup per image), :func:`pixel_values_for` (the
+misses into ``pixel_values`` on the model's device).
 
 :func:`load_image_file` reads an image file for Caption Folder and the CLI (ComfyUI's own loader is not
 ours): pixel limit before decoding, EXIF orientation, 16-bit and float images at their true values.
@@ -16,14 +17,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from .. import quality_presets as qp
 from ..core.errors import QwenVLError
-from ..embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
+from ..embedding_cache import DigestMemo, EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
 from ..perf_monitor import RunMonitor
 from ..sources.tf_compat import processor_size_limits
 from . import fast_preprocess
@@ -244,6 +245,7 @@ def split_image_batch(image: torch.Tensor | None) -> list[torch.Tensor]:
         )
     raise QwenVLError(f"image has shape {tuple(image.shape)}; expected [B,H,W,C].")
 
+
 def canonicalize_image(image: torch.Tensor) -> torch.Tensor:
     """Any reasonable image tensor to uint8 RGB HWC on the CPU.
 
@@ -289,6 +291,7 @@ def canonicalize_image(image: torch.Tensor) -> torch.Tensor:
         out = (rgb * 255.0).round_().clamp_(0, 255).to(torch.uint8).contiguous()
     return qp.pad_to_max_aspect(out, fill=255)
 
+
 @dataclass
 class PreparedImage:
     index: int
@@ -307,34 +310,56 @@ class PreparedImage:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
 
+class ImageIdentity(NamedTuple):
+    """What identifies an image to the caches: its canonical digest, its canonical size (h, w), its detail
+    score (None unless asked for or remembered) and, when this call had to make it, its canonical tensor."""
+
+    digest: str
+    size_in: tuple[int, int]
+    score: float | None
+    canonical: torch.Tensor | None
+
+
+def image_identity(image: torch.Tensor, memo: DigestMemo | None, *, want_score: bool) -> ImageIdentity:
+    """The image's digest, size and (with ``want_score``) detail score, from the memo when it has them.
+
+    A new image is canonicalised once, MD5-hashed once and its memo key (a hash of its raw bytes) computed
+    once, for the lookup and the store after it. A remembered image is neither canonicalised nor MD5-hashed,
+    unless a score is wanted that the memo does not hold yet; the score is then remembered too. Without a
+    memo (the cache is off) nothing needs the digest: it is "" and the image is only canonicalised.
+    """
+    key = memo.key_of(image) if memo is not None else None
+    seen = memo.lookup(key) if memo is not None else None
+    canonical = None
+    if seen is None:
+        canonical = canonicalize_image(image)
+        digest = canonical_digest(canonical) if memo is not None else ""
+        seen = (digest, (int(canonical.shape[0]), int(canonical.shape[1])), None)
+    digest, size_in, score = seen
+    if want_score and score is None:
+        if canonical is None:
+            canonical = canonicalize_image(image)
+        score = qp.detail_score(canonical)
+    if memo is not None and canonical is not None:  # a new image, or its detail score is new
+        memo.store(key, (digest, size_in, score))
+    return ImageIdentity(digest, tuple(size_in), score, canonical)
+
+
 def prepare_images(images: list[torch.Tensor], quality: str, spec: ImageSpec, cache: EmbeddingCache | None,
                    mon: RunMonitor, key_extra: str = "") -> list[PreparedImage]:
     """Digest, budget, size, grid and cache key of each image; the cached embedding where there is one."""
     prepared: list[PreparedImage] = []
     quality = qp.validate_quality(quality)
+    memo = cache.digests if cache is not None else None
     with mon.stage("hash"):
         for i, image in enumerate(images):
-            # The memo (exact: keyed by the tensor's bytes) remembers digest, size and detail score of an image
-            # seen before, so a repeat is neither canonicalised nor hashed again, not even under `auto`.
-            memo = cache.digests.get(image) if cache is not None else None
-            canonical = None
-            if memo is None:
-                canonical = canonicalize_image(image)
-                digest = canonical_digest(canonical) if cache is not None else ""
-                memo = (digest, (int(canonical.shape[0]), int(canonical.shape[1])), None)
-            digest, size_in, score = memo
-            if quality == qp.AUTO and score is None:
-                if canonical is None:
-                    canonical = canonicalize_image(image)
-                score = qp.detail_score(canonical)
-            if cache is not None and canonical is not None:  # a new image, or its detail score is new
-                cache.digests.put(image, (digest, size_in, score))
-            budget = qp.resolve_budget(quality, spec.factor, spec.native_limits, canonical, score=score)
-            size = qp.target_size(size_in[0], size_in[1], spec.factor, budget)
+            ident = image_identity(image, memo, want_score=quality == qp.AUTO)
+            budget = qp.resolve_budget(quality, spec.factor, spec.native_limits, ident.canonical, score=ident.score)
+            size = qp.target_size(ident.size_in[0], ident.size_in[1], spec.factor, budget)
             grid = (1, size[0] // spec.patch_size, size[1] // spec.patch_size)
-            key = entry_key(digest, spec.weights_identity + key_extra, spec.pixel_dtype, size,
+            key = entry_key(ident.digest, spec.weights_identity + key_extra, spec.pixel_dtype, size,
                             (spec.image_mean, spec.image_std))
-            item = PreparedImage(i, digest, size_in, budget, size, grid, key, canonical)
+            item = PreparedImage(i, ident.digest, ident.size_in, budget, size, grid, key, ident.canonical)
             if cache is not None:
                 item.embedding, item.tier = cache.get(key, spec.device)
             prepared.append(item)

@@ -27,10 +27,17 @@ import torch
 from .. import quality_presets as qp
 from ..core.api import DEFAULT_VIDEO_FPS, VideoClip
 from ..core.errors import QwenVLError
-from ..embedding_cache import EmbeddingCache, ImageEmbedding, canonical_digest, entry_key
+from ..embedding_cache import EmbeddingCache, ImageEmbedding, entry_key
 from ..perf_monitor import RunMonitor
 from . import fast_preprocess
-from .images import ImageSpec, ImageTooLargeError, canonicalize_image, check_pixel_limit, max_image_pixels
+from .images import (
+    ImageSpec,
+    ImageTooLargeError,
+    canonicalize_image,
+    check_pixel_limit,
+    image_identity,
+    max_image_pixels,
+)
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -180,21 +187,11 @@ def prepare_videos(clips: list[VideoClip], quality: str, max_frames: int, spec: 
             source = [clip.source_indices[i] for i in picked] if clip.source_indices is not None else picked
             # The digest memo (keyed by each frame tensor's bytes) spares a repeated clip the canonicalisation and
             # MD5 of every frame; a clip the cache will encode gets its canonical frames in `video_pixel_values`.
-            canonical: list[torch.Tensor | None] = []
-            digests: list[str] = []
-            sizes: set[tuple[int, int]] = set()
-            for i in picked:
-                memo = cache.digests.get(frames[i]) if cache is not None else None
-                frame = None
-                if memo is None:
-                    frame = canonicalize_image(frames[i])
-                    memo = (canonical_digest(frame) if cache is not None else "",
-                            (int(frame.shape[0]), int(frame.shape[1])), None)
-                    if cache is not None:
-                        cache.digests.put(frames[i], memo)
-                canonical.append(frame)
-                digests.append(memo[0])
-                sizes.add(tuple(memo[1]))
+            memo = cache.digests if cache is not None else None
+            idents = [image_identity(frames[i], memo, want_score=False) for i in picked]
+            canonical: list[torch.Tensor | None] = [ident.canonical for ident in idents]
+            digests = [ident.digest for ident in idents]
+            sizes = {ident.size_in for ident in idents}
             if len(sizes) != 1:
                 raise QwenVLError("The video's frames differ in size; resize them to one size first.")
             digest = _clip_digest(digests, source, total, fps) if cache is not None else ""
@@ -277,26 +274,54 @@ def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_pat
         if total <= 0:  # containers that do not record it: count the packets (no decoding)
             total = sum(1 for packet in container.demux(stream) if packet.size)
             container.seek(0)
-        frames, kept = _decode_frames(container, stream, sample_indices(max(total, 1), max_frames,
-                                                                        temporal_patch_size), name, limit)
+        wanted = sample_indices(max(total, 1), max_frames, temporal_patch_size)
+        frames, seen, decoded = _decode_frames(container, stream, wanted, name, limit)
+        if 0 < decoded <= wanted[-1]:
+            # The stream ended before the count its container claims (a cut-off download or recording): sampled
+            # and timed as the frames it has, as if its header had said so, or the clip's timestamps and
+            # second_per_grid_ts would stretch it by claimed / decoded.
+            log.info("[QwenVL-Fast] '%s' claims %d frames but %d decode; sampling those %d", name, total, decoded,
+                     decoded)
+            total = decoded
+            frames, seen = _resample(container, stream, sample_indices(total, max_frames, temporal_patch_size),
+                                     (frames, seen), name, limit)
     if not frames:
         raise QwenVLError(f"'{name}' has no decodable frames.")
-    if len(frames) < len(kept) or kept[-1] >= total:
-        total = max(total, kept[-1] + 1)
-    seen = kept[:len(frames)]
     return VideoClip(torch.from_numpy(np.stack(frames)), fps, source_indices=seen, source_total=max(total, 1))
 
 
 def _decode_frames(container, stream, wanted: list[int], name: str = "the video",
-                   limit: int = 0) -> tuple[list[np.ndarray], list[int]]:
+                   limit: int = 0) -> tuple[list[np.ndarray], list[int], int]:
+    """The ``wanted`` frames that decode (RGB), their indices, and how many frames were decoded: fewer than
+    ``max(wanted) + 1`` only when the stream ended first, and then exactly the stream's real frame count."""
     targets = set(wanted)
     last = max(wanted)
-    frames = []
+    frames, seen = [], []
+    decoded = 0
     for i, frame in enumerate(container.decode(stream)):
+        decoded = i + 1
         if i in targets:
             # A stream may change size midway, past what its header said: checked before the RGB copy.
             check_pixel_limit(name, frame.width, frame.height, limit, "a video frame")
             frames.append(frame.to_ndarray(format="rgb24"))
+            seen.append(i)
         if i >= last:
             break
-    return frames, sorted(targets)
+    return frames, seen, decoded
+
+
+def _resample(container, stream, wanted: list[int], have: tuple[list[np.ndarray], list[int]], name: str,
+              limit: int) -> tuple[list[np.ndarray], list[int]]:
+    """The ``wanted`` frames, decoded again from the start; ``have`` (right in time, only fewer frames) when they
+    already are those frames or the stream cannot seek back."""
+    if have[1] == wanted:
+        return have
+    import av
+
+    try:
+        container.seek(0)
+        frames, seen, _ = _decode_frames(container, stream, wanted, name, limit)
+    except (OSError, ValueError, getattr(av, "FFmpegError", OSError)) as exc:
+        log.debug("[QwenVL-Fast] '%s' could not be decoded again (%s): keeping %d frames", name, exc, len(have[0]))
+        return have
+    return (frames, seen) if seen == wanted else have
