@@ -137,9 +137,19 @@ def list_local_models(dirs: Sequence[Path] | None = None) -> list[str]:
     return found
 
 def model_choices(dirs: Sequence[Path] | None = None) -> list[str]:
-    """The node's model list: local folders first, then the known repos."""
+    """The node's model list: local folders first, then the known repos.
+
+    A known repo whose folder is here is listed once, as the folder; but an interrupted download's folder keeps its
+    repo name in the list too: choosing the repo name is how the download resumes (a ComfyUI combo accepts only
+    listed values).
+    """
     local = list_local_models(dirs)
-    known = [r for r in KNOWN_MODELS if r.split("/")[-1] not in local and r not in local]
+    bases = list(dirs) if dirs is not None else default_model_dirs()
+
+    def complete_here(name: str) -> bool:
+        return name in local and any(is_model_folder(Path(base) / name) for base in bases)
+
+    known = [r for r in KNOWN_MODELS if not complete_here(r.split("/")[-1]) and not complete_here(r)]
     return local + known
 
 def synthetic_choices() -> list[str]:

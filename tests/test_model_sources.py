@@ -301,10 +301,6 @@ def test_model_folders_come_from_the_host_the_environment_and_add_model_dir(tmp_
     assert resolve_model("m3").path == env / "m3"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a folder holding config.json and the '.incomplete' marker (a download interrupted after config.json "
-    "arrived) is listed as a local model and hides the repo name from the list, but choosing it raises 'Pick "
-    "the model's repo name to resume the download' -- a name the list (a ComfyUI combo) no longer offers"))
 def test_an_interrupted_download_keeps_its_repo_name_choosable(tmp_path):
     folder = _write_config(tmp_path / "Qwen2.5-VL-3B-Instruct", {"model_type": "qwen2_5_vl"})
     (folder / INCOMPLETE_MARKER).write_text("download in progress\n")
