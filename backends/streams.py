@@ -330,5 +330,7 @@ class StreamRunner:
 
 
 def _abort_all(streams: list[Stream], reason: str) -> None:
-    for s in streams:
+    # Queued streams first (no worker yet: no deadline): an in-flight stream whose socket is shut down frees its
+    # worker at once, and the queued stream that worker takes next must already be aborted, or it still sends.
+    for s in sorted(streams, key=lambda s: s.deadline is not None):
         s.abort.fire(reason)
