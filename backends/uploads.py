@@ -11,9 +11,9 @@ import torch
 
 from .. import quality_presets as qp
 from ..core.lru import LRU
-from ..embedding_cache import canonical_digest, get_cache
+from ..embedding_cache import get_cache
 from ..perf_monitor import RunMonitor
-from ..vision.images import canonicalize_image
+from ..vision.images import canonicalize_image, image_identity
 
 UPLOAD_MEMO_ENTRIES = 256
 UPLOAD_MEMO_BYTES = 64 << 20  # `native` uploads of large photos are tens of MiB each: bound the bytes, not entries
@@ -57,17 +57,7 @@ class Uploads:
         out = []
         for image in images:
             with mon.stage("hash"):
-                seen = digests.get(image)
-                canonical = None
-                if seen is None:
-                    canonical = canonicalize_image(image)
-                    seen = (canonical_digest(canonical), (int(canonical.shape[0]), int(canonical.shape[1])), None)
-                digest, size_in, score = seen
-                if quality == qp.AUTO and score is None:
-                    canonical = canonical if canonical is not None else canonicalize_image(image)
-                    score = qp.detail_score(canonical)
-                if canonical is not None:
-                    digests.put(image, (digest, size_in, score))
+                digest, size_in, score, canonical = image_identity(image, digests, want_score=quality == qp.AUTO)
                 budget = qp.resolve_budget(quality, factor, None, canonical, score=score)
                 size = None if quality == qp.NATIVE else qp.target_size(size_in[0], size_in[1], factor, budget)
             key = (digest, size, self.upload_format)

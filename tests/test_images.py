@@ -239,6 +239,21 @@ def test_a_new_image_is_canonicalised_and_hashed_once(models_dir, counted, quali
     assert counted == {"canonicalize": 1, "digest": 1, "memo_key": 2}  # a repeat: its raw bytes hashed, no more
 
 
+@pytest.mark.parametrize("quality", ["fast", "auto", "native"])
+def test_a_new_upload_is_canonicalised_and_hashed_once(counted, quality):
+    """The server backend's uploads go through the same digest helper: one of each per new image."""
+    from qwenvl_fast.backends.uploads import Uploads
+    from qwenvl_fast.perf_monitor import RunMonitor
+
+    uploads = Uploads("png", factor=28)
+    first = uploads.prepare([rand_image(23, 90, 120)], quality, RunMonitor(enabled=False))
+    assert first[0]["record"]["cache"] == "encoded"
+    assert counted == {"canonicalize": 1, "digest": 1, "memo_key": 1}
+    again = uploads.prepare([rand_image(23, 90, 120)], quality, RunMonitor(enabled=False))
+    assert again[0]["record"]["cache"] == "client-memo" and again[0]["url"] == first[0]["url"]
+    assert counted == {"canonicalize": 1, "digest": 1, "memo_key": 2}
+
+
 @needs_tiny
 def test_a_new_image_through_the_node_is_hashed_once(models_dir, counted, monkeypatch):
     """The Run node splits its IMAGE batch into views (split_image_batch): still one of each per new image."""
