@@ -540,9 +540,14 @@ def test_caption_folder_through_a_vllm_server(comfy_server, tiny_choice, vllm_se
     }
     entry = comfy_server.run(graph, timeout=300)
     _assert_success(entry, comfy_server)
-    summary = node_ui(entry, "7")["text"]
-    assert sorted(summary) == [f"img{i}.png: written" for i in range(5)], summary
-    assert len(list(folder.glob("*.txt"))) == 5
+    summary = sorted(node_ui(entry, "7")["text"])
+    # The tiny model's random weights answer some images with tokens that decode to no text: those are the
+    # empty-answer error and get no file (a 0-byte caption would pass for a caption); every other is written.
+    empty = "error: the model gave an empty answer; nothing written"
+    written = [line.split(":")[0] for line in summary if line.endswith(": written")]
+    assert written and all(line.endswith((": written", f": {empty}")) for line in summary), summary
+    assert sorted(p.stem + ".png" for p in folder.glob("*.txt")) == written, summary
+    assert all(p.read_text(encoding="utf-8").strip() for p in folder.glob("*.txt"))
 
 
 # ------------------------------------------------------------------------------------------ video
