@@ -43,6 +43,41 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_BINARY = getattr(os, "O_BINARY", 0)
 
 
+EXISTING_MODES = ["skip", "overwrite", "append", "prepend"]
+CAPTION_EXTENSIONS = [".txt", ".caption"]
+METADATA_NAME = "metadata.jsonl"
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How a Caption Folder run treats the folder and what it writes (the defaults are the node's first behaviour).
+
+    ``prefix`` / ``suffix``: put verbatim before / after every written caption. ``existing``: where a caption
+    exists, ``skip`` it, ``overwrite`` it, ``append`` the new text after it or ``prepend`` it (joined with ", ");
+    files without one are always captioned. ``extension``: ``.txt`` or ``.caption``. ``recursive``: subfolders
+    too, each caption beside its file. ``limit``: caption only the first N files that need work (0: all).
+    ``write_jsonl``: also keep ``metadata.jsonl`` (Hugging Face imagefolder rows) in the folder root.
+    ``write_captions``: write caption files at all (off: the captions are only returned).
+    """
+
+    prefix: str = ""
+    suffix: str = ""
+    existing: str = "skip"
+    extension: str = ".txt"
+    recursive: bool = False
+    limit: int = 0
+    write_jsonl: bool = False
+    write_captions: bool = True
+
+    def __post_init__(self):
+        if self.existing not in EXISTING_MODES:
+            raise QwenVLError(f"existing must be one of {', '.join(EXISTING_MODES)}, not {self.existing!r}")
+        if self.extension not in CAPTION_EXTENSIONS:
+            raise QwenVLError(f"extension must be one of {', '.join(CAPTION_EXTENSIONS)}, not {self.extension!r}")
+        if self.limit < 0:
+            raise QwenVLError(f"limit must be 0 (all files) or more, not {self.limit}")
+
+
 @dataclass
 class CaptionResult:
     path: Path
@@ -268,10 +303,41 @@ def _existing(f: Path, overwrite: bool) -> CaptionResult | None:
     return CaptionResult(f, text, "skipped")
 
 
+def resolve_caption_options(caption: CaptionOptions | None, write_txt: bool | None,
+                            overwrite: bool | None) -> CaptionOptions:
+    """``caption`` with the first spellings folded in: ``overwrite=True`` means ``existing="overwrite"`` (where
+    ``existing`` is still "skip"), ``write_txt=False`` means ``write_captions=False``."""
+    caption = caption or CaptionOptions()
+    if overwrite and caption.existing == "skip":
+        caption = dataclasses.replace(caption, existing="overwrite")
+    if write_txt is not None and not write_txt:
+        caption = dataclasses.replace(caption, write_captions=False)
+    return caption
+
+
+def summarize(results: list[CaptionResult], max_reasons: int = 3) -> str:
+    """One line for people: how many were written / skipped / failed, and the first few failures' reasons."""
+    written = sum(r.status == "written" for r in results)
+    captioned = sum(r.status == "captioned" for r in results)
+    skipped = sum(r.status.startswith("skipped") for r in results)
+    failed = [r for r in results if r.status.startswith("error")]
+    parts = [f"{written} written"]
+    if captioned:
+        parts.append(f"{captioned} captioned (not written)")
+    parts += [f"{skipped} skipped", f"{len(failed)} failed"]
+    line = ", ".join(parts)
+    if failed:
+        reasons = "; ".join(f"{r.path.name}: {r.status.removeprefix('error: ')}" for r in failed[:max_reasons])
+        more = f"; and {len(failed) - max_reasons} more" if len(failed) > max_reasons else ""
+        line += f" ({reasons}{more})"
+    return line
+
+
 def caption_folder(
-    options: ql.LoadOptions, folder: Path, request: GenerationRequest, *, write_txt: bool = True,
-    overwrite: bool = False, keep_model_loaded: bool = True, on_file: Callable[[int, int], None] | None = None,
-    manager: ql.ModelManager | None = None, include_videos: bool = False,
+    options: ql.LoadOptions, folder: Path, request: GenerationRequest, *, caption: CaptionOptions | None = None,
+    keep_model_loaded: bool = True, on_file: Callable[[int, int], None] | None = None,
+    manager: ql.ModelManager | None = None, include_videos: bool = False, write_txt: bool | None = None,
+    overwrite: bool | None = None,
 ) -> list[CaptionResult]:
     """Caption every image of ``folder`` with ``request`` (its prompt, preset, sampling; one answer each).
 
@@ -286,6 +352,9 @@ def caption_folder(
     a folder, a FIFO, a device, a link), captions that two files would share, an empty or failed answer (nothing
     written), a caption that cannot be written (its computed text is kept in the result).
     """
+    caption = resolve_caption_options(caption, write_txt, overwrite)
+    write_txt = caption.write_captions
+    overwrite = caption.existing == "overwrite"
     manager = manager or ql.MANAGER
     files = list_images(folder, include_videos)
     results: list[CaptionResult] = []
