@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from . import quality_presets as qp
 from . import qwenvl_loader as ql
-from .batch_caption import caption_folder, folder_fingerprint
+from .batch_caption import CAPTION_EXTENSIONS, EXISTING_MODES, CaptionOptions, caption_folder, folder_fingerprint
+from .batch_caption import summarize as summarize_captions
 from .comfyui_host import glue as comfy_glue
 from .core.api import BACKENDS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_VIDEO_FPS, UPLOAD_FORMATS, VideoClip
 from .embedding_cache import CACHE_DIR_ENV
@@ -307,7 +309,9 @@ class QwenVLFastCacheInfo:
 
 class QwenVLFastCaptionFolder:
     DESCRIPTION = ("Caption every image file (and, if asked, every video file) of a folder, optionally writing a .txt "
-                   "beside each; files that already have a .txt are skipped unless overwrite is on.")
+                   "(or .caption) beside each; files that already have one are skipped unless overwrite is on (or "
+                   "existing says append / prepend). For training sets: prefix / suffix, subfolders, a limit, and "
+                   "a Hugging Face metadata.jsonl. The first line of its text is a summary.")
     CATEGORY = CATEGORY
     FUNCTION = "caption"
     OUTPUT_NODE = True
@@ -320,9 +324,12 @@ class QwenVLFastCaptionFolder:
         return {
             "required": {
                 "qwenvl_model": (MODEL_TYPE, _tip("From Qwen-VL Fast Load Model.")),
-                "folder": ("STRING", {"default": "", **_tip("The folder whose images to caption (not recursive).")}),
+                "folder": ("STRING", {"default": "", **_tip(
+                    "The folder whose images to caption (its subfolders too with recursive on).")}),
                 "prompt": ("STRING", {"multiline": True, "default": "Write a concise caption for this image.",
-                                      **_tip("The captioning instruction.")}),
+                                      **_tip("The captioning instruction. {name} is replaced by the file's name "
+                                             "(no extension), {folder} by its folder's name, {caption} by its "
+                                             "existing caption (empty if none); other braces stay as written.")}),
                 "image_quality": (qp.QUALITY_CHOICES, {"default": qp.DEFAULT_QUALITY,
                                                        **_tip("Visual-token budget per image.")}),
                 "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 4096, **_tip("Most tokens per caption.")}),
@@ -337,6 +344,24 @@ class QwenVLFastCaptionFolder:
                     "Also caption video files (mp4, mov, mkv, webm, avi, m4v, gif), each as one clip through the "
                     "model's video path, decoded with PyAV.")}),
                 "max_frames": _video_widgets()["max_frames"],
+                # Issue 19 (training sets); defaults give the node's earlier behaviour.
+                "prefix": ("STRING", {"default": "", **_tip(
+                    "Put verbatim before every written caption (a trigger word: 'ohwx, ').")}),
+                "suffix": ("STRING", {"default": "", **_tip(
+                    "Put verbatim after every written caption (', best quality').")}),
+                "existing": (EXISTING_MODES, {"default": "skip", **_tip(
+                    "Where a caption exists: skip the file, overwrite it, append the new caption after it or "
+                    "prepend it (joined with ', ', or a space after punctuation). The overwrite switch on means "
+                    "overwrite when this is skip.")}),
+                "extension": (CAPTION_EXTENSIONS, {"default": ".txt", **_tip(
+                    "The caption files' extension (some trainers read .caption).")}),
+                "recursive": ("BOOLEAN", {"default": False, **_tip(
+                    "Subfolders too (not hidden ones, no links leading out), each caption beside its file.")}),
+                "limit": ("INT", {"default": 0, "min": 0, "max": 1_000_000, **_tip(
+                    "Caption only the first N files that need it (0: all); queue again for the next N.")}),
+                "write_jsonl": ("BOOLEAN", {"default": False, **_tip(
+                    "Also keep metadata.jsonl in the folder (Hugging Face datasets imagefolder: file_name, text); "
+                    "rows of other files stay as they are.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -353,7 +378,7 @@ class QwenVLFastCaptionFolder:
         """
         try:
             settings = _caption_settings(inputs)
-            now = folder_fingerprint(_folder_path(inputs.get("folder")), bool(settings["include_videos"]))
+            now = _fingerprint(_folder_path(inputs.get("folder")), settings)
         except Exception as exc:  # IS_CHANGED must not raise: ComfyUI would only log it
             log.debug("[QwenVL-Fast] Caption Folder IS_CHANGED: %s", exc)
             return float("nan")
@@ -366,22 +391,27 @@ class QwenVLFastCaptionFolder:
         settings = _caption_settings(dict(inputs, folder=folder, write_txt=write_txt, overwrite=overwrite,
                                           include_videos=include_videos))
         key = _settings_key(settings)
-        before = _fingerprint_or_none(path, include_videos)
-        on_progress, _ = comfy_glue.progress_callbacks(unique_id)
-        request = ql.GenerationRequest.from_inputs(inputs, should_stop=comfy_glue.interrupted)
+        before = _fingerprint_or_none(path, settings)
+        on_progress, on_text = comfy_glue.progress_callbacks(unique_id)
+        request = ql.GenerationRequest.from_inputs(
+            {k: v for k, v in inputs.items() if k not in _CAPTION_OPTION_INPUTS}, should_stop=comfy_glue.interrupted)
+        on_file = _progress_with_eta(on_progress, on_text)
         try:
-            results = caption_folder(handle.options, path, request, write_txt=write_txt, overwrite=overwrite,
-                                     keep_model_loaded=handle.keep_model_loaded, on_file=on_progress,
-                                     include_videos=include_videos)
+            results = caption_folder(handle.options, path, request, caption=_caption_options(settings),
+                                     keep_model_loaded=handle.keep_model_loaded, on_file=on_file,
+                                     on_start=on_file.start, include_videos=include_videos)
         except ql.GenerationInterrupted:
             comfy_glue.raise_interrupt()
             raise
-        errors = any(r.status.startswith("error") for r in results)
-        _remember_run(key, before, _fingerprint_or_none(path, include_videos), errors)
+        # A run that left files for later (limit) counts like one with errors: the next queue runs again.
+        again = any(r.status.startswith("error") or r.status.startswith("skipped: past the limit") for r in results)
+        _remember_run(key, before, _fingerprint_or_none(path, settings), again)
         captions = [r.caption for r in results]
         files = [str(r.path) for r in results]
-        summary = [f"{r.path.name}: {r.status}" for r in results]
-        return {"ui": {"text": summary or ["no images found"]}, "result": (captions, files)}
+        lines = [f"{_shown_name(r.path, path)}: {r.status}" for r in results]
+        summary = summarize_captions(results)
+        log.info("[QwenVL-Fast] Caption Folder %s: %s", path, summary)
+        return {"ui": {"text": [summary] + (lines or ["no images found"])}, "result": (captions, files)}
 
 
 # Caption Folder runs that finished: settings key -> (IS_CHANGED's value before the run, the folder's state after
@@ -391,6 +421,65 @@ class QwenVLFastCaptionFolder:
 _CAPTION_RUNS: dict[str, tuple[str, str, bool]] = {}
 _CAPTION_RUNS_KEPT = 64
 _NOT_SETTINGS = ("qwenvl_model", "unique_id")
+# The inputs that become CaptionOptions, with the values that give the node's behaviour before they existed.
+_CAPTION_OPTION_DEFAULTS = {"prefix": "", "suffix": "", "existing": "skip", "extension": ".txt", "recursive": False,
+                            "limit": 0, "write_jsonl": False}
+_CAPTION_OPTION_INPUTS = tuple(_CAPTION_OPTION_DEFAULTS)
+
+
+def _caption_options(settings: dict[str, Any]) -> CaptionOptions:
+    """The node's settings as CaptionOptions (overwrite on with existing "skip" means overwrite)."""
+    existing = settings["existing"]
+    if settings.get("overwrite") and existing == "skip":
+        existing = "overwrite"
+    return CaptionOptions(
+        prefix=str(settings["prefix"]), suffix=str(settings["suffix"]), existing=existing,
+        extension=settings["extension"], recursive=bool(settings["recursive"]), limit=int(settings["limit"]),
+        write_jsonl=bool(settings["write_jsonl"]), write_captions=bool(settings.get("write_txt", True)))
+
+
+def _shown_name(file: Path, folder: Path) -> str:
+    """A file as the node's text shows it: its name, or its path inside the folder when it is in a subfolder."""
+    try:
+        return file.relative_to(folder.expanduser()).as_posix()
+    except ValueError:
+        return file.name
+
+
+def _eta_text(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _progress_with_eta(on_progress, on_text, clock=time.monotonic):
+    """Caption Folder's ``on_file``: the progress bar, and "done/total files, about m:ss left" as progress text.
+
+    The estimate is the time per file so far times the files left, counted from ``on_file.start`` (caption_folder's
+    ``on_start``: before any model work, with the files decided up front, which cost nothing); before any model
+    work has finished there is no estimate yet.
+    """
+    state: dict[str, Any] = {"start": clock(), "first": 0}
+
+    def start(done: int, total: int) -> None:
+        state["start"], state["first"] = clock(), done
+        on_progress(done, total)
+        on_text(f"{done}/{total} files")
+
+    def on_file(done: int, total: int) -> None:
+        on_progress(done, total)
+        now = clock()
+        worked = done - state["first"]
+        elapsed = now - state["start"]
+        text = f"{done}/{total} files"
+        if worked > 0 and done < total:
+            text += f", about {_eta_text(elapsed / worked * (total - done))} left"
+        elif done >= total:
+            text += ", done"
+        on_text(text)
+
+    on_file.start = start  # type: ignore[attr-defined]
+    return on_file
 
 
 def _folder_path(folder: Any) -> Path:
@@ -406,6 +495,8 @@ def _folder_path(folder: Any) -> Path:
 def _caption_settings(inputs: dict[str, Any]) -> dict[str, Any]:
     settings = {k: v for k, v in inputs.items() if k not in _NOT_SETTINGS}
     settings.setdefault("include_videos", False)  # workflows saved before the input existed
+    for k, v in _CAPTION_OPTION_DEFAULTS.items():
+        settings.setdefault(k, v)
     return settings
 
 
@@ -424,9 +515,15 @@ def _changed_value(key: str, fingerprint: str) -> str | float:
     return hashlib.sha256(f"{key}\0{fingerprint}".encode()).hexdigest()
 
 
-def _fingerprint_or_none(path: Path, include_videos: bool) -> str | None:
+def _fingerprint(path: Path, settings: dict[str, Any]) -> str:
+    """The folder's state as this node's settings see it (recursive listing, caption extension, metadata.jsonl)."""
+    return folder_fingerprint(path, bool(settings["include_videos"]), recursive=bool(settings["recursive"]),
+                              extension=settings["extension"], write_jsonl=bool(settings["write_jsonl"]))
+
+
+def _fingerprint_or_none(path: Path, settings: dict[str, Any]) -> str | None:
     try:
-        return folder_fingerprint(path, include_videos)
+        return _fingerprint(path, settings)
     except Exception:  # a missing folder: caption_folder says so clearly
         return None
 

@@ -379,8 +379,10 @@ def test_empty_answers_are_errors_and_write_nothing_through_the_node(echo, dirs)
                        max_new_tokens=16, write_txt=True, overwrite=False, seed=0)
     for _ in range(2):  # the second run asks again: no 0-byte caption makes those files look done
         out = nodes.QwenVLFastCaptionFolder().caption(**node_inputs)
-        assert out["ui"]["text"] == ["blank.png: " + bc.EMPTY_ANSWER, "fine.png: " + ("written" if _ == 0 else
-                                     "skipped"), "spaces.png: " + bc.EMPTY_ANSWER]
+        assert out["ui"]["text"][1:] == ["blank.png: " + bc.EMPTY_ANSWER, "fine.png: " + ("written" if _ == 0 else
+                                         "skipped"), "spaces.png: " + bc.EMPTY_ANSWER]
+        assert out["ui"]["text"][0].startswith("1 written, 0 skipped, 2 failed (blank.png: the model gave an empty"
+                                                if _ == 0 else "0 written, 1 skipped, 2 failed (blank.png: ")
         assert out["result"][0] == ["", streamed(BLUE), ""]
         assert sorted(p.name for p in folder.iterdir()) == ["blank.png", "fine.png", "fine.txt", "spaces.png"]
     ql.MANAGER.release()
@@ -443,7 +445,8 @@ def test_a_read_only_folder_keeps_every_computed_caption_through_the_node(echo, 
     captions_out, files_out = out["result"]
     assert [Path(f).name for f in files_out] == ["a.png", "b.png", "c.png"]
     assert captions_out == [streamed(BLUE), streamed((0, 100, 100)), streamed((100, 100, 0))]
-    for line, name in zip(out["ui"]["text"], ("a", "b", "c")):
+    assert out["ui"]["text"][0].startswith("0 written, 0 skipped, 3 failed (a.png: cannot write a.txt")
+    for line, name in zip(out["ui"]["text"][1:], ("a", "b", "c"), strict=True):
         assert line.startswith(f"{name}.png: error: cannot write {name}.txt (PermissionError: "), line
     assert snapshot(folder) == before
     ql.MANAGER.release()
@@ -482,14 +485,14 @@ def test_is_changed_follows_the_folder_and_the_settings_not_our_own_writes(model
     first = changed()
     assert isinstance(first, str) and changed() == first
     out = node().caption(qwenvl_model=handle, **widgets)
-    assert [line.split(": ")[1] for line in out["ui"]["text"]] == ["written", "written"]
+    assert [line.split(": ")[1] for line in out["ui"]["text"][1:]] == ["written", "written"]
     assert changed() == first  # what the run wrote is not a change: ComfyUI keeps the cached result
 
     Image.new("RGB", (70, 30), (180, 100, 200)).save(folder / "img2.png")  # a new image: run again
     second = changed()
     assert second != first
     out = node().caption(qwenvl_model=handle, **widgets)
-    assert [line.split(": ")[1] for line in out["ui"]["text"]] == ["skipped", "skipped", "written"]
+    assert [line.split(": ")[1] for line in out["ui"]["text"][1:]] == ["skipped", "skipped", "written"]
     assert changed() == second
 
     (folder / "img0.txt").write_text("edited by hand, longer", encoding="utf-8")  # a caption changed: run again
@@ -528,12 +531,12 @@ def test_is_changed_retries_a_folder_whose_last_run_had_errors(echo, dirs):
                    overwrite=False, seed=0)
     first = node.IS_CHANGED(**widgets)
     out = node().caption(qwenvl_model=handle, **widgets)
-    assert out["ui"]["text"] == ["blank.png: " + bc.EMPTY_ANSWER, "fine.png: written"]
+    assert out["ui"]["text"][1:] == ["blank.png: " + bc.EMPTY_ANSWER, "fine.png: written"]
     retry = node.IS_CHANGED(**widgets)
     assert retry != retry  # NaN: queueing again runs, although the listing shows nothing new
     (folder / "blank.png").unlink()  # the fix: here, the file that gets no answer goes
     out = node().caption(qwenvl_model=handle, **widgets)
-    assert out["ui"]["text"] == ["fine.png: skipped"]
+    assert out["ui"]["text"][1:] == ["fine.png: skipped"]
     settled = node.IS_CHANGED(**widgets)
     assert isinstance(settled, str) and settled != first and node.IS_CHANGED(**widgets) == settled
     node().caption(qwenvl_model=handle, **widgets)
