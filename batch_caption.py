@@ -587,12 +587,15 @@ def caption_folder(
     options: ql.LoadOptions, folder: Path, request: GenerationRequest, *, caption: CaptionOptions | None = None,
     keep_model_loaded: bool = True, on_file: Callable[[int, int], None] | None = None,
     manager: ql.ModelManager | None = None, include_videos: bool = False, write_txt: bool | None = None,
-    overwrite: bool | None = None,
+    overwrite: bool | None = None, on_start: Callable[[int, int], None] | None = None,
 ) -> list[CaptionResult]:
     """Caption every image of ``folder`` with ``request`` (its prompt, preset, sampling; one answer each).
 
     ``caption``: what is written and where (``CaptionOptions``); ``write_txt=False`` and ``overwrite=True`` are
     the first spellings of ``write_captions=False`` and ``existing="overwrite"`` and still work.
+
+    ``on_file(done, total)`` is called after each chunk (and video); ``on_start(done, total)`` once before any
+    model work, ``done`` being the files decided without it (skipped, errors, past the limit).
 
     ``include_videos``: video files too, each one clip through the model's video path (``request.max_frames``
     frames, evenly sampled), one at a time after the images.
@@ -656,6 +659,8 @@ def caption_folder(
     chunk_size = 2 * max(1, options.server_max_in_flight) if options.backend == "server" else CHUNK
     chunks = [g[i:i + chunk_size] for g in groups.values() for i in range(0, len(g), chunk_size)]
     completed = False
+    if on_start is not None:
+        on_start(done, len(files))  # before any model work: the files decided up front (an estimate's start)
     try:
         for chunk in chunks:
             if request.should_stop is not None and request.should_stop():
