@@ -2,17 +2,25 @@
 
     python cli.py --model synthetic:qwen2.5-vl-3b@2 --image photo.png --prompt "Describe it."
     python cli.py --model /path/to/Qwen2.5-VL-3B-Instruct --image a.png --image b.png
+    python cli.py caption-folder ~/dataset --model /path/to/Qwen2.5-VL-3B-Instruct --prefix "photo of sks, "
 
-With no --image a built-in test picture is used. ``synthetic:`` models are real architectures
-with random weights (their text is meaningless; their timings are real).
+With no --image a built-in test picture is used. ``caption-folder`` is the Caption Folder node on the command
+line (same options, same engine): progress on stderr, the summary on stdout; exit status 0 when no file failed,
+1 when some did, 2 on a usage or configuration error (a missing folder or model, an unreachable server).
+
+``synthetic:`` models are real architectures with random weights (their text is meaningless; their timings are real).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pack_path  # noqa: E402
 
 pack_path.import_pack()
+from qwenvl_fast import batch_caption as bc  # noqa: E402
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.vision.images import load_image_file  # noqa: E402
@@ -43,7 +52,10 @@ def demo_image(height: int = 768, width: int = 1024) -> torch.Tensor:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Qwen-VL Fast on image files (the ComfyUI node's engine).")
+    p = argparse.ArgumentParser(
+        description="Qwen-VL Fast on image files (the ComfyUI node's engine).",
+        epilog="To caption every image of a folder (the Caption Folder node): python cli.py caption-folder FOLDER "
+               "--model M [options]; see python cli.py caption-folder --help.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder, Qwen repo id or synthetic:<preset>[@text_layers] (default {DEFAULT_MODEL}; "
                         f"presets: {', '.join(ql.synthetic_choices())})")
@@ -75,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == CAPTION_COMMAND:
+        return caption_folder_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
@@ -143,6 +158,228 @@ def _timing_line(rec) -> str:
     stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in rec.stages.items() if seconds >= 0.005)
     speed = f" ({rec.decode_tokens_per_s:.1f} tok/s)" if rec.decode_tokens_per_s else ""
     return f"timings: total {rec.total_s:.2f}s = {stages}; {rec.new_tokens} new tokens{speed}"
+
+
+# ---------------------------------------------------------------------------------------------- caption-folder
+CAPTION_COMMAND = "caption-folder"
+CAPTION_PROMPT = "Write a concise caption for this image."  # the Caption Folder node's default
+CAPTION_MAX_NEW_TOKENS = 128  # the node's default
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_caption_parser() -> argparse.ArgumentParser:
+    """``cli.py caption-folder``: the Caption Folder node's options, with the node's defaults."""
+    p = argparse.ArgumentParser(
+        prog=f"{Path(sys.argv[0]).name} {CAPTION_COMMAND}",
+        description="Caption every image file (and, with --include-videos, every video file) of a folder, writing "
+                    "a caption file beside each: the Caption Folder node on the command line. Progress (files done "
+                    "and estimated time left) goes to stderr, the summary to stdout. Exit status: 0 when no file "
+                    "failed, 1 when some did, 2 on a usage or configuration error, 130 when interrupted (Ctrl-C: "
+                    "the captions already written stay, whole).")
+    p.add_argument("folder", help="the folder to caption")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", help="model folder, Qwen repo id or synthetic:<preset>[@text_layers] (required "
+                                       "with the local backend)")
+    model.add_argument("--backend", default="local", choices=ql.BACKENDS,
+                       help="local: this machine runs the model; server: an OpenAI-compatible server answers")
+    model.add_argument("--server-url", default="", help="the server's OpenAI-compatible base URL (--backend server; "
+                                                        "API key: the QWENVL_FAST_API_KEY environment variable)")
+    model.add_argument("--server-model", default="", help="the served model's name (empty: the server's only one)")
+    model.add_argument("--server-max-in-flight", type=int, default=ql.LoadOptions.server_max_in_flight,
+                       help="requests kept in flight, so the server can batch them")
+    model.add_argument("--server-upload-format", default="png", choices=["png", "jpeg"])
+    model.add_argument("--quantization", default="none", choices=ql.QUANTIZATION_CHOICES)
+    model.add_argument("--attention", default="auto", choices=ql.ATTENTION_CHOICES)
+    model.add_argument("--dtype", default="auto", choices=ql.DTYPE_CHOICES)
+    model.add_argument("--device", default="auto", choices=ql.DEVICE_CHOICES)
+    model.add_argument("--compile-vision", default="off", choices=ql.COMPILE_CHOICES)
+    gen = p.add_argument_group("captioning")
+    gen.add_argument("--prompt", default=CAPTION_PROMPT, help=f"the instruction (default: {CAPTION_PROMPT!r}); "
+                     "{name}, {folder} and {caption} are each file's stem, folder name and existing caption")
+    gen.add_argument("--system-prompt", default="")
+    gen.add_argument("--quality", default=qp.DEFAULT_QUALITY, choices=qp.QUALITY_CHOICES,
+                     help="visual-token budget per image")
+    gen.add_argument("--max-new-tokens", type=int, default=CAPTION_MAX_NEW_TOKENS)
+    gen.add_argument("--min-new-tokens", type=int, default=0)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--include-videos", action="store_true", help="caption video files too (one clip each)")
+    gen.add_argument("--max-frames", type=int, default=16, help="most frames sampled from each video (evenly)")
+    gen.add_argument("--no-cache", action="store_true", help="disable the image-embedding cache")
+    gen.add_argument("--no-disk-cache", action="store_true", help="memory tier only")
+    out = p.add_argument_group("caption files")
+    out.add_argument("--prefix", default="", help="text put verbatim before every written caption")
+    out.add_argument("--suffix", default="", help="text put verbatim after every written caption")
+    out.add_argument("--existing", default="skip", choices=bc.EXISTING_MODES,
+                     help="where a caption file exists: skip the image, overwrite it, or append / prepend the new "
+                          "caption (default skip)")
+    out.add_argument("--extension", default=".txt", choices=bc.CAPTION_EXTENSIONS, help="caption file extension")
+    out.add_argument("--recursive", action="store_true", help="subfolders too (each caption beside its file)")
+    out.add_argument("--limit", type=int, default=0, help="caption only the first N files that need it (0: all)")
+    out.add_argument("--jsonl", action="store_true",
+                     help=f"also write {getattr(bc, 'METADATA_NAME', 'metadata.jsonl')} (Hugging Face imagefolder)")
+    out.add_argument("--no-write", action="store_true",
+                     help="write no caption file: print each caption to stdout instead")
+    out.add_argument("--json", action="store_true", help="print the results and the summary as one JSON object")
+    out.add_argument("--verbose", action="store_true", help="the engine's timing line after every chunk, too")
+    return p
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(math.ceil(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """Files done and the estimated time left, on stderr, after every chunk.
+
+    The estimate is the rate since the first chunk ended: the first chunk also loads the model (and the count
+    it reports includes the files skipped up front), so it is no measure of the rest.
+    """
+
+    def __init__(self, stream=None, clock=time.monotonic) -> None:
+        self.stream = stream or sys.stderr
+        self.clock = clock
+        self.t0 = clock()
+        self.first: tuple[float, int] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        left = ""
+        if self.first is None:
+            self.first = (now, done)
+            if done < total:
+                left = ", estimating time left"
+        elif done < total and done > self.first[1] and now > self.first[0]:
+            rate = (done - self.first[1]) / (now - self.first[0])
+            left = f", about {_duration((total - done) / rate)} left"
+        pct = 100.0 * done / total if total else 100.0
+        print(f"[caption-folder] {done}/{total} files ({pct:.0f}%), {_duration(now - self.t0)} elapsed{left}",
+              file=self.stream, flush=True)
+
+
+def caption_folder_main(argv: list[str]) -> int:
+    parser = build_caption_parser()
+    args = parser.parse_args(argv)  # a usage error exits with status 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("QwenVL-Fast").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    def usage(message: str) -> int:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.backend == "local" and not args.model:
+        return usage("--model is required with the local backend (a model folder, a Qwen repo id or "
+                     "synthetic:<preset>); or use --backend server --server-url URL")
+    if args.backend == "server" and not args.server_url:
+        return usage("--backend server needs --server-url (e.g. http://127.0.0.1:8000/v1)")
+    for name in ("max_new_tokens", "server_max_in_flight", "max_frames"):
+        if getattr(args, name) < 1:
+            return usage(f"--{name.replace('_', '-')} must be 1 or more, not {getattr(args, name)}")
+    folder = Path(args.folder).expanduser()
+    if not folder.is_dir():
+        return usage(f"'{folder}' is not a folder: give the path of the folder to caption")
+    try:
+        caption = bc.CaptionOptions(prefix=args.prefix, suffix=args.suffix, existing=args.existing,
+                                    extension=args.extension, recursive=args.recursive, limit=args.limit,
+                                    write_jsonl=args.jsonl, write_captions=not args.no_write)
+    except ql.QwenVLError as exc:
+        return usage(str(exc))
+    options = ql.LoadOptions(
+        model=args.model or "(served)", quantization=args.quantization, attention_mode=args.attention,
+        dtype=args.dtype, device=args.device, compile_vision=args.compile_vision, backend=args.backend,
+        server_url=args.server_url, server_model=args.server_model, server_max_in_flight=args.server_max_in_flight,
+        server_upload_format=args.server_upload_format)
+    stop = _StopOnSignal()
+    request = ql.GenerationRequest(
+        prompt=args.prompt, system_prompt=args.system_prompt, image_quality=args.quality,
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, max_frames=args.max_frames,
+        enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, should_stop=stop)
+    t0 = time.perf_counter()
+    try:
+        # Loaded (or connected to) first: a missing model or an unreachable server is a configuration error.
+        ql.MANAGER.get(options)
+    except ql.QwenVLError as exc:
+        return usage(str(exc))
+    load_s = time.perf_counter() - t0
+    print(f"[caption-folder] {'connected to ' + args.server_url if args.backend == 'server' else args.model} "
+          f"in {load_s:.1f}s; captioning {folder}", file=sys.stderr, flush=True)
+    t1 = time.perf_counter()
+    try:
+        with stop.installed():
+            results = bc.caption_folder(options, folder, request, caption=caption, on_file=Progress(),
+                                        include_videos=args.include_videos)
+    except ql.GenerationInterrupted:
+        print("[caption-folder] interrupted: the captions already written stay, whole; run again to go on",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ql.QwenVLError as exc:  # a fault that hit the whole folder (the server went away, a refused key)
+        print(f"[caption-folder] stopped: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        ql.MANAGER.release()
+    elapsed = time.perf_counter() - t1
+    return _report(results, args, folder, elapsed)
+
+
+def _report(results: list, args: argparse.Namespace, folder: Path, elapsed: float) -> int:
+    failed = [r for r in results if r.status.startswith("error")]
+    done = [r for r in results if r.status in ("written", "captioned")]
+    rate = f", {len(done) / elapsed:.2f} captions/s" if done and elapsed > 0 else ""
+    summary = bc.summarize(results)
+    if args.json:
+        print(json.dumps({"folder": str(folder), "summary": summary, "elapsed_s": round(elapsed, 3),
+                          "failed": len(failed),
+                          "results": [{"path": str(r.path), "status": r.status, "caption": r.caption}
+                                      for r in results]}, ensure_ascii=False))
+    else:
+        for r in failed:
+            print(f"{r.path}: {r.status}", file=sys.stderr)
+        if args.no_write:
+            for r in done:
+                print(f"{r.path}\t{r.caption}")
+        if not results:
+            print(f"no image files in {folder}" + ("" if args.recursive else " (subfolders: --recursive)"))
+        print(f"{summary} in {_duration(elapsed)}{rate}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+class _StopOnSignal:
+    """``should_stop`` for the folder: the first Ctrl-C (SIGINT) or SIGTERM asks the folder to stop after the chunk
+    in flight (what is written stays whole); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def __call__(self) -> bool:
+        return self.asked
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\n[caption-folder] stopping after the files in flight (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        before = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
 
 
 if __name__ == "__main__":
