@@ -239,8 +239,8 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Files done and the estimated time left, on stderr, after every chunk.
 
-    The estimate is the rate since the first chunk ended: the first chunk also loads the model (and the count
-    it reports includes the files skipped up front), so it is no measure of the rest.
+    The estimate is the rate since ``start`` (Caption Folder's ``on_start``: the files decided up front, before
+    any model work; the model is loaded before that), or, without it, since the first chunk ended.
     """
 
     def __init__(self, stream=None, clock=time.monotonic) -> None:
@@ -248,6 +248,9 @@ class Progress:
         self.clock = clock
         self.t0 = clock()
         self.first: tuple[float, int] | None = None
+
+    def start(self, done: int, total: int) -> None:
+        self.first = (self.clock(), done)
 
     def __call__(self, done: int, total: int) -> None:
         now = self.clock()
@@ -318,8 +321,9 @@ def caption_folder_main(argv: list[str]) -> int:
     t1 = time.perf_counter()
     try:
         with stop.installed():
-            results = bc.caption_folder(options, folder, request, caption=caption, on_file=Progress(),
-                                        include_videos=args.include_videos)
+            progress = Progress()
+            results = bc.caption_folder(options, folder, request, caption=caption, on_file=progress,
+                                        on_start=progress.start, include_videos=args.include_videos)
     except ql.GenerationInterrupted:
         print("[caption-folder] interrupted: the captions already written stay, whole; run again to go on",
               file=sys.stderr)
