@@ -1,4 +1,6 @@
-"""The benchmark (``bench/benchmark.py``) and the server benchmark (``bench/server.py``): scripts that measure the pack.
+"""The benchmark (``bench/benchmark.py``), the server benchmark (``bench/server.py``) and the Caption Folder
+throughput benchmark (``bench/caption_throughput.py``: one by one, batched, a vLLM server): scripts that measure the
+pack.
 
 Nothing in the pack imports this package. Importing it puts the repository root on ``sys.path`` and imports the
 pack as ``qwenvl_fast`` (``pack_path``), so that every module here can say ``from qwenvl_fast import ...``.
