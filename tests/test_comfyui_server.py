@@ -540,7 +540,8 @@ def test_caption_folder_through_a_vllm_server(comfy_server, tiny_choice, vllm_se
     }
     entry = comfy_server.run(graph, timeout=300)
     _assert_success(entry, comfy_server)
-    summary = sorted(node_ui(entry, "7")["text"])
+    text = node_ui(entry, "7")["text"]  # the run's summary line, then one line per file
+    summary = sorted(text[1:])
     # The tiny model's random weights answer some images with tokens that decode to no text: those are the
     # empty-answer error and get no file (a 0-byte caption would pass for a caption); every other is written.
     empty = "error: the model gave an empty answer; nothing written"
@@ -548,6 +549,7 @@ def test_caption_folder_through_a_vllm_server(comfy_server, tiny_choice, vllm_se
     assert written and all(line.endswith((": written", f": {empty}")) for line in summary), summary
     assert sorted(p.stem + ".png" for p in folder.glob("*.txt")) == written, summary
     assert all(p.read_text(encoding="utf-8").strip() for p in folder.glob("*.txt"))
+    assert text[0].startswith(f"{len(written)} written, 0 skipped, {5 - len(written)} failed"), text[0]
 
 
 # ------------------------------------------------------------------------------------------ video
