@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from scripted_server import Reply, ScriptedServer, image_count, prompt_of
 
 from conftest import TINY_FAMILIES
 from qwenvl_fast import batch_caption as bc
@@ -24,64 +23,19 @@ from qwenvl_fast import qwenvl_loader as ql
 FAMILY = "tiny-qwen2.5-vl" if "tiny-qwen2.5-vl" in TINY_FAMILIES else TINY_FAMILIES[0]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest's output clean
-        pass
-
-    def _json(self, obj: object) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path.endswith("/models"):
-            self._json({"object": "list", "data": [{"id": "m", "patch_size": 14}]})
-        else:
-            self.send_error(404)
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        parts = body["messages"][-1]["content"]
-        prompt = "".join(p["text"] for p in parts if p["type"] == "text")
-        with self.server.lock:
-            self.server.prompts.append((prompt, sum(p["type"] == "image_url" for p in parts)))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for obj in ({"choices": [{"index": 0, "delta": {"content": prompt}}]},
-                    {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 10, "completion_tokens": 3}}):
-            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-
-class _PromptEcho(ThreadingHTTPServer):
-    """Answers every request with its rendered prompt: a caption is exactly what the prompt said."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.prompts: list[tuple[str, int]] = []
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+def _echo_prompt(server: ScriptedServer, body: dict) -> Reply:
+    """Every request is answered with its rendered prompt: a caption is exactly what the prompt said."""
+    prompt = prompt_of(body)
+    server.prompts.append((prompt, image_count(body)))
+    return Reply([prompt])
 
 
 @pytest.fixture(scope="module")
 def echo():
-    server = _PromptEcho()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    server = ScriptedServer(_echo_prompt)
+    server.prompts = []
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture

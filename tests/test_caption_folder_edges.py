@@ -3,26 +3,23 @@ the folder, one odd file never stops the folder.
 
 Everything is real: files, links, FIFOs, sockets and devices on disk; answers come either from the tiny local
 model through the real node, or, where a test must choose them (empty answers, failed answers, exact texts), from
-a small OpenAI-compatible server on loopback (``_EchoServer``) that answers by each image's colour, through the
-pack's real server backend.
+a scripted OpenAI-compatible server on loopback (``scripted_server.py``) that answers by each image's colour,
+through the pack's real server backend.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
-import json
 import os
 import socket
 import stat
 import subprocess
 import threading
 import unicodedata
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from scripted_server import Reply, ScriptedServer, first_pixel
 
 from conftest import TINY_FAMILIES
 from qwenvl_fast import batch_caption as bc
@@ -46,63 +43,13 @@ def caption_of(rgb: tuple[int, int, int]) -> str:
     return answer if isinstance(answer, str) else f"A caption for {bytes(rgb).hex()}."
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest's output clean
-        pass
-
-    def _json(self, obj: object) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path.endswith("/models"):
-            self._json({"object": "list", "data": [{"id": "m", "patch_size": 14}]})
-        else:
-            self.send_error(404)
-
-    def do_POST(self):
-        from PIL import Image
-
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        parts = body["messages"][-1]["content"]
-        url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
-        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
-            rgb = tuple(im.convert("RGB").getpixel((0, 0)))
-        self.server.seen.append(rgb)
-        answer = ANSWERS.get(rgb, caption_of(rgb))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-
-        def event(obj: object) -> None:
-            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-            self.wfile.flush()
-
-        if isinstance(answer, tuple):
-            event({"choices": [{"index": 0, "delta": {"content": "half an "}}]})
-            event({"error": {"message": answer[1], "code": 500}})
-            return
-        for word in answer.split(" ") if answer else []:
-            event({"choices": [{"index": 0, "delta": {"content": word + " "}}]})
-        event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-               "usage": {"prompt_tokens": 10, "completion_tokens": 3}})
-        self.wfile.write(b"data: [DONE]\n\n")
-
-
-class _EchoServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.seen: list[tuple[int, int, int]] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+def _reply(server: ScriptedServer, body: dict) -> Reply:
+    rgb = first_pixel(body)
+    server.seen.append(rgb)
+    answer = ANSWERS.get(rgb, caption_of(rgb))
+    if isinstance(answer, tuple):  # half an answer, then an in-band error event
+        return Reply(["half an "], error=answer[1])
+    return Reply([word + " " for word in answer.split(" ")] if answer else [])
 
 
 # The echo server streams one word and a space per event; the pack strips the answer's ends.
@@ -112,12 +59,10 @@ def streamed(rgb: tuple[int, int, int]) -> str:
 
 @pytest.fixture(scope="module")
 def echo():
-    server = _EchoServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    server = ScriptedServer(_reply)
+    server.seen = []
+    yield server.start()
+    server.stop()
 
 
 def served(echo) -> ql.LoadOptions:

@@ -9,20 +9,16 @@ OpenAI-compatible server on loopback through the pack's real server backend.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from scripted_server import Reply, ScriptedServer, first_pixel
 
 from conftest import TINY_FAMILIES
 
@@ -63,65 +59,17 @@ def answer_for(rgb: tuple[int, int, int]) -> str:
     return f"colour {bytes(rgb).hex()}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _json(self, obj: object) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path.endswith("/models"):
-            self._json({"object": "list", "data": [{"id": "echo", "patch_size": 14}]})
-        else:
-            self.send_error(404)
-
-    def do_POST(self):
-        from PIL import Image
-
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        url = next(p["image_url"]["url"] for p in body["messages"][-1]["content"] if p["type"] == "image_url")
-        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
-            rgb = tuple(im.convert("RGB").getpixel((0, 0)))
-        self.server.requests += 1
-        time.sleep(self.server.delay)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for event in ({"choices": [{"index": 0, "delta": {"content": answer_for(rgb)}}]},
-                      {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                       "usage": {"prompt_tokens": 10, "completion_tokens": 2}}):
-            self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-
-class _EchoServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.requests = 0
-        self.delay = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+def _by_colour(server: ScriptedServer, body: dict) -> Reply:
+    server.requests += 1
+    return Reply([answer_for(first_pixel(body))], completion_tokens=2)
 
 
 @pytest.fixture(scope="module")
 def echo():
-    server = _EchoServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    server = ScriptedServer(_by_colour, model="echo")
+    server.requests = 0
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture
