@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and the GPU benchmark in one call (for a lent GPU machine; CI has none).
-# Expects wheels in .whl/ (transformers 5.24, diskcache, optionally bitsandbytes) and writes logs to $OUT.
+# Expects wheels in .whl/ (transformers 5.24, diskcache, platformdirs, optionally bitsandbytes) and writes logs to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
@@ -22,3 +22,7 @@ for m in synthetic:qwen2.5-vl-3b synthetic:qwen3-vl-4b; do
   PYTHONPATH=/tmp/site timeout 120 python3 bench/benchmark.py --model "$m" --device cuda --dtype bf16 --time-budget 90 \
     --markdown "$OUT/bench_$tag.md" --json "$OUT/bench_$tag.json" 2>&1 | tail -60 | tee "$OUT/bench_$tag.log"
 done
+# 4. Our tensor-native preprocessing against transformers' image processor on the device (it ties on a CPU; the
+#    CUDA row decides whether vision/fast_preprocess.py stays).
+PYTHONPATH=/tmp/site timeout 120 python3 bench/benchmark.py --only preprocess --device cuda \
+  --markdown "$OUT/bench_preprocess.md" --json "$OUT/bench_preprocess.json" 2>&1 | tail -30 | tee "$OUT/bench_preprocess.log"
