@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .backends.llama_server import LlamaServerModel, is_gguf_name
 from .backends.openai_server import ServerModel
 from .core.api import (
     BACKENDS,
@@ -72,11 +73,16 @@ log = logging.getLogger("QwenVL-Fast")
 
 
 def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = None) -> QwenVLModel | ServerModel:
-    """``should_stop`` (Cancel) ends a server backend's load (its ``/models`` call); a local load ignores it."""
+    """``should_stop`` (Cancel) ends a server backend's load (its ``/models`` call, a llama-server's start); a
+    transformers load ignores it."""
     if options.backend == "server":
         return ServerModel(options, should_stop=should_stop)
     if options.backend != "local":
         raise QwenVLError(f"Unknown backend '{options.backend}': choose one of {', '.join(BACKENDS)}.")
+    if is_gguf_name(options.model):
+        # A GGUF pair runs in llama.cpp's llama-server, started (and stopped) by the model it backs.
+        gguf = resolve_model(options.model, allow_absolute=options.allow_absolute_path)
+        return LlamaServerModel(options, gguf.path, should_stop=should_stop)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = resolve_device(options.device)

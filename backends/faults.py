@@ -19,7 +19,8 @@ from .http_transport import Abort, Endpoint
 # answer alone. Everything else (refused key, unknown model, a redirect, a server down) hits every answer.
 ANSWER_STATUSES = (400, 413, 422)
 CHAT_PATH = "/chat/completions"
-_TOO_LONG_WORDS = ("context length", "maximum model length", "too long", "max_model_len", "longer than")
+_TOO_LONG_WORDS = ("context length", "maximum model length", "too long", "max_model_len", "longer than",
+                   "exceeds the available context size")  # the last: llama-server's words
 
 
 class Faults:
@@ -82,8 +83,9 @@ class Faults:
                                "server_model to one of those.")
         if status == 400 and path == CHAT_PATH and any(w in low for w in _TOO_LONG_WORDS):
             return AnswerError(f"The prompt is too long for '{model}' at {self.url} ({message}). Use a cheaper "
-                               "image_quality, fewer images, fewer max_new_tokens, or a larger --max-model-len on "
-                               "the server.")
+                               "image_quality, fewer images, fewer max_new_tokens, or a larger context on the "
+                               "server (vLLM: --max-model-len; llama-server: -c, or $QWENVL_FAST_LLAMA_CONTEXT "
+                               "for a .gguf model the pack starts).")
         cls = AnswerError if status in ANSWER_STATUSES else ServerError
         return cls(f"The server at {self.url} answered {path} with HTTP {status}: {message}")
 

@@ -249,6 +249,10 @@ def estimated_load_bytes(options: ql.LoadOptions) -> int:
     path: Path | None = source.path
     if path is None:
         return 0
+    if source.kind == "gguf":  # a llama-server is about to take about its files' size
+        from ..backends.llama_server import gguf_bytes
+
+        return gguf_bytes(path)
     stored = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     return int(stored * _QUANTIZED_SHARE.get(options.quantization, 1.0))
 
@@ -276,10 +280,16 @@ def _on_load(engine: ql.QwenVLModel) -> None:
     """Register the freshly loaded model, with its true size, so ComfyUI can account for and unload it."""
     _prune_retired()
     mm = _STATE.mm
-    if mm is None or _STATE.patcher_cls is None or getattr(engine, "is_remote", False):
+    owns_server = getattr(engine, "owns_server", False)
+    if mm is None or _STATE.patcher_cls is None or (getattr(engine, "is_remote", False) and not owns_server):
         return  # a served model holds no memory here
     offload = torch.device("cpu")
-    patcher = _STATE.patcher_cls(engine, engine.device, offload, engine.param_bytes())
+    if owns_server:
+        # A llama-server the pack started (a .gguf model) holds its memory on ComfyUI's device: registered there,
+        # "Unload models" / POST /free stop it like they release local weights.
+        patcher = _STATE.patcher_cls(engine, mm.get_torch_device(), offload, engine.server_bytes())
+    else:
+        patcher = _STATE.patcher_cls(engine, engine.device, offload, engine.param_bytes())
     _STATE.active = patcher
     try:
         mm.load_models_gpu([patcher])

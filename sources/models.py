@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +137,39 @@ def list_local_models(dirs: Sequence[Path] | None = None) -> list[str]:
                 found.append(name)
     return found
 
+GGUF_SUFFIX = ".gguf"
+GGUF_PROJECTOR_PREFIX = "mmproj"
+_GGUF_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's split files; the first one loads all
+
+
+def _gguf_model_file(path: Path) -> bool:
+    """A pickable GGUF model file: not a projector, of a split model only the first part, and with a projector
+    (``mmproj*.gguf``) in its folder (a Qwen-VL GGUF needs both)."""
+    name = path.name.lower()
+    if not name.endswith(GGUF_SUFFIX) or name.startswith(GGUF_PROJECTOR_PREFIX) or not path.is_file():
+        return False
+    split = _GGUF_SPLIT.search(name)
+    if split is not None and int(split.group(1)) != 1:
+        return False
+    return any(p.name.lower().startswith(GGUF_PROJECTOR_PREFIX) for p in path.parent.glob("*" + GGUF_SUFFIX))
+
+
+def list_gguf_models(dirs: Sequence[Path] | None = None) -> list[str]:
+    """GGUF models (a folder holding a model ``.gguf`` and its ``mmproj*.gguf``) under the model dirs, one entry
+    per model file (several quantizations in one folder are several entries): ``<folder>/<file>.gguf``."""
+    found: list[str] = []
+    for base in dirs if dirs is not None else default_model_dirs():
+        if not base.is_dir():
+            continue
+        for f in sorted(base.glob("*/*" + GGUF_SUFFIX)) + sorted(base.glob("*/*/*" + GGUF_SUFFIX)):
+            name = f.relative_to(base).as_posix()
+            if name not in found and _gguf_model_file(f):
+                found.append(name)
+    return found
+
+
 def model_choices(dirs: Sequence[Path] | None = None) -> list[str]:
-    """The node's model list: local folders first, then the known repos.
+    """The node's model list: local folders first, then GGUF models (run by llama-server), then the known repos.
 
     A known repo whose folder is here is listed once, as the folder; but an interrupted download's folder keeps its
     repo name in the list too: choosing the repo name is how the download resumes (a ComfyUI combo accepts only
@@ -150,7 +182,7 @@ def model_choices(dirs: Sequence[Path] | None = None) -> list[str]:
         return name in local and any(is_model_folder(Path(base) / name) for base in bases)
 
     known = [r for r in KNOWN_MODELS if not complete_here(r.split("/")[-1]) and not complete_here(r)]
-    return local + known
+    return local + list_gguf_models(dirs) + known
 
 def synthetic_choices() -> list[str]:
     return [f"synthetic:{name}" for name in synthetic.SYNTHETIC_PRESETS]
@@ -170,7 +202,7 @@ def incomplete_message(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # local / synthetic / repo
+    kind: str  # local / synthetic / repo / gguf (path: the model .gguf file)
     name: str
     path: Path | None = None
     repo_id: str | None = None
@@ -188,6 +220,8 @@ def resolve_model(name: str, dirs: Sequence[Path] | None = None, allow_absolute:
     if synthetic.is_synthetic_name(name):
         return ModelSource("synthetic", name)
     dirs = list(dirs) if dirs is not None else default_model_dirs()
+    if name.lower().endswith(GGUF_SUFFIX):
+        return resolve_gguf(name, dirs, allow_absolute)
     candidate = Path(name).expanduser()
     if candidate.is_absolute():
         if not allow_absolute:
@@ -223,6 +257,32 @@ def resolve_model(name: str, dirs: Sequence[Path] | None = None, allow_absolute:
     raise ModelNotFoundError(
         f"Model '{name}' was not found in {', '.join(map(str, dirs)) or 'any model folder'}. "
         "Put the model's files (config.json, *.safetensors, tokenizer and processor files) in a folder there."
+    )
+
+
+def resolve_gguf(name: str, dirs: Sequence[Path], allow_absolute: bool = True) -> ModelSource:
+    """A GGUF model file: inside the model folders (from a workflow), or any path (scripts)."""
+    candidate = Path(name).expanduser()
+    if candidate.is_absolute():
+        if not allow_absolute:
+            raise ModelNotFoundError(
+                f"'{name}' is an absolute path; workflows may only name models inside the LLM model folders "
+                f"({', '.join(map(str, dirs)) or 'none registered'}). Move the model there and pick it from the list."
+            )
+        paths = [candidate]
+    elif ".." in Path(name).parts:
+        raise ModelNotFoundError(f"'{name}' contains '..'; model names must stay inside the LLM model folders.")
+    else:
+        paths = [Path(os.path.normpath(base / name)) for base in dirs
+                 if Path(os.path.normpath(base / name)).is_relative_to(Path(os.path.normpath(base)))]
+    for path in paths:
+        if path.is_file():
+            if path.name.lower().startswith(GGUF_PROJECTOR_PREFIX):
+                raise ModelNotFoundError(f"'{name}' is a projector (mmproj); pick the model .gguf beside it.")
+            return ModelSource("gguf", name, path=path)
+    raise ModelNotFoundError(
+        f"GGUF model '{name}' was not found in {', '.join(map(str, dirs)) or 'any model folder'}. Put the model "
+        ".gguf and its mmproj*.gguf projector in a folder there."
     )
 
 

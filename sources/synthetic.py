@@ -141,6 +141,17 @@ SYNTHETIC_PRESETS: dict[str, SyntheticPreset] = {
               "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}},
         description="tiny Qwen2.5-VL with head size 64, for a vLLM server on CPU",
     ),
+    # The same with a 3-block vision tower: llama.cpp's projector conversion cannot map a 2-block one (GGUF tests).
+    "tiny-qwen2.5-vl-h64-d3": SyntheticPreset(
+        family="qwen2_5_vl",
+        vision=dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                    fullatt_block_indexes=[2], in_channels=3),
+        text={**_TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+              "num_key_value_heads": 1,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}},
+        description="tiny Qwen2.5-VL, head size 64, 3 vision blocks, for llama.cpp's GGUF converter",
+    ),
     # Tiny vision tower, ~120 MB of text weights: big enough that one leaked copy shows in a process's memory.
     "small-qwen2.5-vl": SyntheticPreset(
         family="qwen2_5_vl",
