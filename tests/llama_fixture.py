@@ -82,6 +82,18 @@ def _convert(src: Path, hf_dir: Path, out: Path, outtype: str, mmproj: bool) -> 
                            f"\n{done.stderr[-3000:]}")
 
 
+def _add_one_merge(tokenizer_json: Path) -> None:
+    """llama.cpp refuses a BPE vocabulary without merges; the test tokenizer has none (one token per byte). One
+    merge ("ĠĠ", two spaces) with its token after the special tokens makes it loadable and changes nothing else."""
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model = data["model"]
+    next_id = 1 + max([*model["vocab"].values(), *(t["id"] for t in data.get("added_tokens", []))])
+    model["vocab"]["\u0120\u0120"] = next_id
+    model["merges"] = [["\u0120", "\u0120"]] if model.get("merges") == [] or isinstance(
+        (model.get("merges") or [None])[0], list) else ["\u0120 \u0120"]
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
 def _key(outtypes: tuple[str, ...], preset: str) -> str:
     from qwenvl_fast.sources import synthetic
 
@@ -89,10 +101,11 @@ def _key(outtypes: tuple[str, ...], preset: str) -> str:
     h = hashlib.sha256(json.dumps({"preset": preset, "vision": p.vision, "text": p.text, "vocab": p.vocab_size,
                                    "outtypes": outtypes}, sort_keys=True, default=str).encode())
     h.update((llama_src() / "convert_hf_to_gguf.py").read_bytes())
+    h.update(b"one merge")
     return h.hexdigest()[:16]
 
 
-def gguf_models_root(outtypes: tuple[str, ...] = ("f16",), preset: str = GGUF_PRESET) -> Path:
+def gguf_models_root(outtypes: tuple[str, ...] = ("f16", "q8_0"), preset: str = GGUF_PRESET) -> Path:
     """A model folder root holding ``<MODEL_FOLDER>/model-<t>.gguf`` per outtype and one ``mmproj-model-f16.gguf``
     (built once, then cached)."""
     root = GGUF_CACHE / _key(outtypes, preset)
@@ -105,10 +118,12 @@ def gguf_models_root(outtypes: tuple[str, ...] = ("f16",), preset: str = GGUF_PR
     folder.mkdir(parents=True)
     hf_dir = root / "hf"
     synthetic.save_synthetic(f"synthetic:{preset}", hf_dir)
+    _add_one_merge(hf_dir / "tokenizer.json")
     src = llama_src()
     for t in outtypes:
         _convert(src, hf_dir, folder / f"model-{t}.gguf", t, mmproj=False)
     _convert(src, hf_dir, folder / "mmproj-model-f16.gguf", "f16", mmproj=True)
+    shutil.rmtree(hf_dir)  # a folder with config.json would be listed as a model beside the GGUF ones
     (root / ".complete").write_text("ok")
     return root
 
@@ -138,3 +153,12 @@ def llama_server_pids() -> list[int]:
         if cmdline and cmdline[0].endswith(b"llama-server") and state != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+def process_running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (a killed process's cmdline empties before it has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

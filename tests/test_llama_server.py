@@ -1,0 +1,240 @@
+"""GGUF models through a real llama.cpp llama-server that the pack starts itself (backends/llama_server.py).
+
+A tiny random Qwen2.5-VL converted with llama.cpp's own converter (tests/llama_fixture.py); the binary from
+``.ci/install_llama_server.sh``. Skips with the reason when that is not built. Answers are sampled: greedy
+decoding of the random tied weights repeats a newline, which strips to nothing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from llama_fixture import MODEL_FOLDER, REPO_ROOT, gguf_root, llama_server_pids, process_running  # noqa: F401 (fixture)
+
+from qwenvl_fast import qwenvl_loader as ql
+from qwenvl_fast.backends.errors import AnswerError
+from qwenvl_fast.backends.llama_server import LLAMA_SERVER_ENV, RELEASES_URL, LlamaServerModel
+from qwenvl_fast.core.errors import GenerationInterrupted, QwenVLError
+from qwenvl_fast.sources.models import list_gguf_models, model_choices, resolve_model
+
+F16 = f"{MODEL_FOLDER}/model-f16.gguf"
+Q8 = f"{MODEL_FOLDER}/model-q8_0.gguf"
+
+
+def _gone(pid: int, within: float = 15.0) -> bool:
+    """True once ``pid`` is no running llama-server (polled; the bound is a failure deadline, not a measure)."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not process_running(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def manager(gguf_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ql.ModelManager]:
+    monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(gguf_root))
+    m = ql.ModelManager()
+    try:
+        yield m
+    finally:
+        m.release()
+
+
+def _request(**kw) -> ql.GenerationRequest:
+    values = dict(prompt="Describe the image.", images=[torch.rand(200, 300, 3)], max_new_tokens=8,
+                  do_sample=True, seed=3, monitor=False)
+    values.update(kw)
+    return ql.GenerationRequest(**values)
+
+
+def _server_pid(manager: ql.ModelManager) -> int:
+    model = manager.current
+    assert isinstance(model, LlamaServerModel)
+    pid = model.process.pid
+    assert pid is not None
+    return pid
+
+
+def test_listed_one_entry_per_model_file(gguf_root: Path, tmp_path: Path) -> None:
+    names = model_choices([gguf_root])
+    assert F16 in names and Q8 in names
+    assert not any("mmproj" in n for n in names)
+    # A .gguf without a projector beside it is no Qwen-VL model: not listed.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "model.gguf").write_bytes((gguf_root / F16).read_bytes())
+    assert list_gguf_models([tmp_path]) == []
+    assert resolve_model(F16, [gguf_root], allow_absolute=False).kind == "gguf"
+    with pytest.raises(QwenVLError, match="projector"):
+        resolve_model(f"{MODEL_FOLDER}/mmproj-model-f16.gguf", [gguf_root])
+
+
+def test_text_back_and_two_runs_reuse_one_server(manager: ql.ModelManager) -> None:
+    options = ql.LoadOptions(model=F16)
+    first = ql.run_once(options, _request(), manager=manager)
+    assert first.texts[0].strip(), first.texts
+    pid = _server_pid(manager)
+    second = ql.run_once(options, _request(seed=4), manager=manager)
+    assert second.texts[0].strip()
+    assert _server_pid(manager) == pid and manager.load_count == 1
+    rec = second.record
+    assert rec.family == "server (patch 14)"  # from the projector's clip.vision.patch_size
+    assert Path(rec.server["llama_server"]["log"]).is_file()
+    assert rec.new_tokens == 8
+
+
+def test_presets_change_the_servers_prompt_tokens_as_computed(manager: ql.ModelManager) -> None:
+    options = ql.LoadOptions(model=Q8)
+    image = torch.rand(1024, 1024, 3)
+    counts, image_tokens = {}, {}
+    for quality in ("fast", "high"):
+        result = ql.run_once(options, _request(images=[image], image_quality=quality, max_new_tokens=2),
+                             manager=manager)
+        counts[quality] = result.record.prompt_tokens  # the server's own count (usage)
+        image_tokens[quality] = result.record.images[0]["tokens"]  # what the pack computed before upload
+    assert image_tokens == {"fast": 256, "high": 729}
+    assert counts["high"] - counts["fast"] == image_tokens["high"] - image_tokens["fast"]
+
+
+def _slots_busy(port: int) -> list[bool]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/slots")
+        return [bool(s.get("is_processing")) for s in json.loads(conn.getresponse().read())]
+    finally:
+        conn.close()
+
+
+def test_cancel_frees_the_slot(manager: ql.ModelManager) -> None:
+    options = ql.LoadOptions(model=F16)
+    ql.run_once(options, _request(max_new_tokens=2), manager=manager)
+    port = manager.current.process.port
+    stop = threading.Event()
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        if done >= 4:
+            stop.set()
+
+    request = _request(max_new_tokens=6000, min_new_tokens=6000, on_progress=progress, should_stop=stop.is_set)
+    with pytest.raises(GenerationInterrupted):
+        ql.run_once(options, request, manager=manager)
+    assert seen and max(seen) < 6000
+    end = time.monotonic() + 10
+    while any(_slots_busy(port)) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not any(_slots_busy(port))
+    assert ql.run_once(options, _request(), manager=manager).texts[0].strip()  # the same server answers on
+
+
+def test_keep_model_loaded_off_and_release_leave_no_process(manager: ql.ModelManager) -> None:
+    options = ql.LoadOptions(model=F16)
+    ql.run_once(options, _request(), manager=manager)
+    pid = _server_pid(manager)
+    ql.run_once(options, _request(), keep_model_loaded=False, manager=manager)
+    assert manager.current is None and _gone(pid)
+    ql.run_once(options, _request(), manager=manager)
+    pid = _server_pid(manager)
+    ql.run_once(ql.LoadOptions(model=Q8), _request(), manager=manager)  # another model chosen
+    assert _gone(pid)
+    pid = _server_pid(manager)
+    manager.release()  # what Unload / POST /free do through ComfyUI's model manager
+    assert _gone(pid)
+
+
+def test_a_killed_server_is_started_again(manager: ql.ModelManager) -> None:
+    options = ql.LoadOptions(model=F16)
+    ql.run_once(options, _request(), manager=manager)
+    pid = _server_pid(manager)
+    os.kill(pid, signal.SIGKILL)
+    assert _gone(pid)
+    result = ql.run_once(options, _request(), manager=manager)
+    assert result.texts[0].strip()
+    assert _server_pid(manager) != pid and manager.load_count == 2
+
+
+def test_a_server_dying_during_a_run_names_its_log(manager: ql.ModelManager) -> None:
+    options = ql.LoadOptions(model=F16)
+    ql.run_once(options, _request(max_new_tokens=2), manager=manager)
+    pid = _server_pid(manager)
+
+    killed: list[int] = []
+
+    def kill_after_first_token(done: int, total: int) -> None:
+        if done >= 1 and not killed:
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+    request = _request(max_new_tokens=6000, min_new_tokens=6000, on_progress=kill_after_first_token)
+    with pytest.raises(QwenVLError, match=r"llama-server for 'model-f16.gguf' exited .* its log is .*\.log"):
+        ql.run_once(options, request, manager=manager)
+    assert killed
+    assert ql.run_once(options, _request(), manager=manager).texts[0].strip()  # and the next run starts anew
+
+
+def test_context_overflow_gets_the_prompt_too_long_message(manager: ql.ModelManager,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWENVL_FAST_LLAMA_CONTEXT", "512")
+    options = ql.LoadOptions(model=F16)
+    with pytest.raises(AnswerError, match="prompt is too long.*llama-server: -c"):
+        ql.run_once(options, _request(images=[torch.rand(1024, 1024, 3)], image_quality="ultra"), manager=manager)
+
+
+def test_missing_binary_names_the_variable_and_the_releases(manager: ql.ModelManager,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    monkeypatch.setenv(LLAMA_SERVER_ENV, str(tmp_path / "no-such-llama-server"))
+    with pytest.raises(QwenVLError) as err:
+        ql.run_once(ql.LoadOptions(model=F16), _request(), manager=manager)
+    assert LLAMA_SERVER_ENV in str(err.value) and RELEASES_URL in str(err.value)
+    monkeypatch.delenv(LLAMA_SERVER_ENV)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(QwenVLError) as err:
+        ql.run_once(ql.LoadOptions(model=F16), _request(), manager=manager)
+    assert LLAMA_SERVER_ENV in str(err.value) and RELEASES_URL in str(err.value) and "PATH" in str(err.value)
+
+
+def test_a_killed_parent_leaves_no_orphan_server(gguf_root: Path) -> None:
+    """A ComfyUI killed with SIGKILL runs no atexit: the kernel's parent-death signal must end the server."""
+    child = textwrap.dedent(f"""
+        import sys, threading
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        import pack_path
+        pack_path.import_pack()
+        from qwenvl_fast import qwenvl_loader as ql
+        ql.add_model_dir({str(gguf_root)!r})
+        holder = {{}}
+        # Loaded from a short-lived thread: the server must outlive the thread, and die with the process.
+        t = threading.Thread(target=lambda: holder.update(m=ql.MANAGER.get(ql.LoadOptions(model={F16!r}))[0]))
+        t.start(); t.join()
+        print(holder["m"].process.pid, flush=True)
+        sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    try:
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), line
+        pid = int(line)
+        time.sleep(0.5)
+        assert pid in llama_server_pids()  # alive after the loading thread ended
+        proc.kill()
+        proc.wait(timeout=30)
+        assert _gone(pid), f"llama-server {pid} outlived its killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
