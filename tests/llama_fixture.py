@@ -139,8 +139,9 @@ def gguf_root() -> Path:
     return gguf_models_root()
 
 
-def llama_server_pids() -> list[int]:
-    """Pids of running ``llama-server`` processes (Linux /proc; zombies excluded)."""
+def llama_server_pids(containing: str | None = None) -> list[int]:
+    """Pids of running ``llama-server`` processes (Linux /proc; zombies excluded), only those whose command line
+    holds ``containing`` if given (e.g. a model folder)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -149,6 +150,8 @@ def llama_server_pids() -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
+            continue
+        if containing is not None and not any(containing.encode() in part for part in cmdline):
             continue
         if cmdline and cmdline[0].endswith(b"llama-server") and state != "Z":
             pids.append(int(entry.name))

@@ -26,6 +26,7 @@ from comfy_server import (
     node_ui,
     was_interrupted,
 )
+from llama_fixture import gguf_root, llama_server_path, llama_server_pids  # noqa: F401  (gguf_root: fixture)
 from vllm_server import vllm_server  # noqa: F401  (session fixture: a real vLLM, or a skip)
 
 pytestmark = pytest.mark.comfyui
@@ -66,7 +67,9 @@ def comfy_server():
     reason = comfyui_missing_reason()
     if reason:
         pytest.skip(reason)
-    server = ComfyServer()
+    # The llama-server that .ci/install_llama_server.sh built, for the GGUF test (absent: that test skips).
+    built = llama_server_path()
+    server = ComfyServer(env={"QWENVL_FAST_LLAMA_SERVER": str(built)} if built.is_file() else None)
     server.prepare()
     # A model folder that is listed (it has config.json) but whose weights are truncated.
     broken = server.llm_dir / BROKEN
@@ -643,3 +646,29 @@ def test_interrupt_ends_a_run_against_a_silent_server(comfy_server, run_info, ti
         entry = comfy_server.run(graph_for(again.url, "After the interrupt."), timeout=120)
     _assert_success(entry, comfy_server)
     assert node_ui(entry, "2")["text"][0].strip()
+
+
+# ------------------------------------------------------------------------ GGUF through llama-server
+def test_gguf_model_runs_and_free_stops_its_llama_server(comfy_server, gguf_root):
+    """A GGUF pair in the LLM folder is listed, runs through the llama-server the pack starts, and POST /free
+    (ComfyUI's "Unload models") stops that server."""
+    folder = comfy_server.llm_dir / "tiny-gguf"
+    if not folder.is_dir():
+        shutil.copytree(gguf_root / "tiny-qwen2.5-vl-gguf", folder)
+    info = comfy_server.object_info(RUN)  # the list is read again: the new folder shows without a restart
+    choice = _model_choice(info, "tiny-gguf/model-q8_0.gguf")
+    assert "tiny-gguf/model-f16.gguf" in info["input"]["required"]["model"][0]
+    assert not any("mmproj" in c for c in info["input"]["required"]["model"][0])
+    image = _image(comfy_server, 40)
+    # Sampled: greedy decoding of the random tied weights repeats a newline, which strips to nothing.
+    entry = _run(comfy_server, info, image, **_fast(choice, do_sample=True, seed=5, prompt="Describe it."))
+    assert node_ui(entry, "2")["text"][0].strip()
+    timing = _timing(entry)
+    assert timing["server"]["llama_server"]["model"] == "model-q8_0.gguf", timing.get("server")
+    assert llama_server_pids(str(folder)), "no llama-server runs for the GGUF model"
+    _free_and_settle(comfy_server)
+    end = time.monotonic() + 15
+    while llama_server_pids(str(folder)) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not llama_server_pids(str(folder)), "POST /free left the llama-server running"
+    assert comfy_server.alive()

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from llama_fixture import MODEL_FOLDER, REPO_ROOT, gguf_root, llama_server_pids, process_running  # noqa: F401 (fixture)
 
+from llama_fixture import MODEL_FOLDER, REPO_ROOT, gguf_root, llama_server_pids, process_running  # noqa: F401 (fixture)
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.backends.errors import AnswerError
 from qwenvl_fast.backends.llama_server import LLAMA_SERVER_ENV, RELEASES_URL, LlamaServerModel
