@@ -238,3 +238,54 @@ def test_a_killed_parent_leaves_no_orphan_server(gguf_root: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---------------------------------------------------------------- no binary needed: files only
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF")
+
+
+def test_listing_split_models_and_nested_folders(tmp_path: Path) -> None:
+    for name in ("a/model-Q4_K_M.gguf", "a/model-Q8_0.gguf", "a/mmproj-f16.gguf",
+                 "b/big-00001-of-00002.gguf", "b/big-00002-of-00002.gguf", "b/mmproj-big.gguf",
+                 "org/c/model.gguf", "org/c/mmproj.gguf", "d/model.gguf"):
+        _touch(tmp_path / name)
+    assert list_gguf_models([tmp_path]) == ["a/model-Q4_K_M.gguf", "a/model-Q8_0.gguf", "b/big-00001-of-00002.gguf",
+                                            "org/c/model.gguf"]
+    with pytest.raises(QwenVLError, match="absolute path"):
+        resolve_model(str(tmp_path / "a/model-Q8_0.gguf"), [tmp_path], allow_absolute=False)
+    with pytest.raises(QwenVLError, match=r"'\.\.'"):
+        resolve_model("a/../../x.gguf", [tmp_path], allow_absolute=False)
+    with pytest.raises(QwenVLError, match="not found"):
+        resolve_model("a/none.gguf", [tmp_path])
+
+
+def _projector(path: Path, patch: int | None) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "clip")
+    if patch is not None:
+        writer.add_uint32("clip.vision.patch_size", patch)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_patch_size_comes_from_the_projector_and_is_checked(tmp_path: Path) -> None:
+    from qwenvl_fast.backends.llama_server import find_projector, projector_patch_size
+
+    # The name says qwen3 (patch 16); the metadata says 14, and the metadata wins.
+    assert projector_patch_size(_projector(tmp_path / "mmproj-qwen3-vl.gguf", 14)) == 14
+    assert projector_patch_size(_projector(tmp_path / "mmproj-b.gguf", 16)) == 16
+    for patch in (50, None):
+        with pytest.raises(QwenVLError, match="clip.vision.patch_size"):
+            projector_patch_size(_projector(tmp_path / f"mmproj-bad-{patch}.gguf", patch))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "mmproj.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(QwenVLError, match="cannot be read as GGUF"):
+        projector_patch_size(tmp_path / "broken" / "mmproj.gguf")
+    with pytest.raises(QwenVLError, match="several projectors"):
+        find_projector(tmp_path / "model.gguf")
