@@ -7,7 +7,7 @@ answers in flight, the timing record) whose server is a :class:`LlamaServerProce
 
 * the binary is ``$QWENVL_FAST_LLAMA_SERVER``, else ``llama-server`` on PATH; started on a free loopback port
   (``--host 127.0.0.1``, never beyond loopback) with ``-m``, ``--mmproj``, a context length
-  (``$QWENVL_FAST_LLAMA_CONTEXT``), one slot per ``server_max_in_flight`` sharing one KV buffer
+  (``$QWENVL_FAST_LLAMA_CONTEXT`` tokens per slot), one slot per ``server_max_in_flight`` sharing one KV buffer
   (``--kv-unified``), a bounded prompt cache (``--cache-ram``, ``$QWENVL_FAST_LLAMA_CACHE_RAM_MB``) and its
   output in a log file that every error about it names;
 * ready when ``/health`` answers 200; Cancel ends the wait (and the process);
@@ -62,7 +62,9 @@ CACHE_RAM_ENV = "QWENVL_FAST_LLAMA_CACHE_RAM_MB"
 START_TIMEOUT_ENV = "QWENVL_FAST_LLAMA_START_TIMEOUT"
 LOG_DIR_ENV = "QWENVL_FAST_LLAMA_LOG_DIR"
 RELEASES_URL = "https://github.com/ggml-org/llama.cpp/releases"
-DEFAULT_CONTEXT = 8192  # tokens shared by all slots: a 1024-token image, a system prompt and a long answer, x4
+# Tokens of context per answer in flight (slot): a 1024-token image, a system prompt and a long answer. The KV
+# buffer is shared (--kv-unified), so one answer may use more while the others are idle.
+DEFAULT_CONTEXT_PER_SLOT = 4096
 DEFAULT_CACHE_RAM_MB = 1024  # llama-server's prompt cache grows with requests without a bound (facts file)
 DEFAULT_START_TIMEOUT_S = 600.0  # loading a large model from a cold disk
 HEALTH_POLL_S = 0.1
@@ -266,12 +268,15 @@ def stop_all() -> None:
 class LlamaServerProcess:
     """One ``llama-server`` for one GGUF pair, on a free loopback port."""
 
-    def __init__(self, model_file: Path, mmproj: Path, slots: int, context: int | None = None,
+    def __init__(self, model_file: Path, mmproj: Path, slots: int, context_per_slot: int | None = None,
                  cache_ram_mb: int | None = None, log_dir: Path | None = None, binary: str | None = None) -> None:
         self.model_file = Path(model_file)
         self.mmproj = Path(mmproj)
         self.slots = max(1, int(slots))
-        self.context = context if context is not None else _env_int(CONTEXT_ENV, DEFAULT_CONTEXT, 256)
+        per_slot = context_per_slot
+        if per_slot is None:
+            per_slot = _env_int(CONTEXT_ENV, DEFAULT_CONTEXT_PER_SLOT, 256)
+        self.context = per_slot * self.slots
         self.cache_ram_mb = cache_ram_mb if cache_ram_mb is not None else _env_int(CACHE_RAM_ENV,
                                                                                     DEFAULT_CACHE_RAM_MB, 0)
         self.binary = binary or llama_server_binary()
@@ -281,6 +286,7 @@ class LlamaServerProcess:
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
         self._began = 0.0
+        self._log_start = 0
         self._log_file: Any = None
 
     @staticmethod
@@ -318,6 +324,14 @@ class LlamaServerProcess:
         except OSError:
             return ""
 
+    def _log_since_launch(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                return f.read(1 << 20).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
     def died_error(self, when: str) -> ServerError:
         tail = self.log_tail()
         return ServerError(f"llama-server for '{self.model_file.name}' exited (code {self.exit_code()}) {when}; its "
@@ -345,6 +359,7 @@ class LlamaServerProcess:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed by stop())
         self._log_file.write(f"\n=== QwenVL-Fast: {' '.join(self.command())}\n".encode())
         self._log_file.flush()
+        self._log_start = self._log_file.tell()
         kwargs: dict[str, Any] = dict(stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       cwd=str(self.log_path.parent))
         if os.name == "posix":
@@ -369,8 +384,7 @@ class LlamaServerProcess:
         deadline = self._began + timeout
         while True:
             if self.proc is None or self.proc.poll() is not None:
-                tail = self.log_tail().lower()
-                if "bind" in tail and ("in use" in tail or "failed" in tail):
+                if "couldn't bind HTTP server socket" in self._log_since_launch():  # llama-server's words
                     raise _PortTaken
                 error = self.died_error("while starting")
                 self.stop()
