@@ -159,9 +159,17 @@ def llama_server_pids(containing: str | None = None) -> list[int]:
 
 
 def process_running(pid: int) -> bool:
-    """``pid`` exists and is not a zombie (a killed process's cmdline empties before it has exited)."""
+    """Some thread of ``pid`` is alive (not a zombie, not dead): a killed process's cmdline empties, and its leader
+    shows as a zombie, before its other threads have exited."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
         return False
-    return state != "Z"
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False

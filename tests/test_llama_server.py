@@ -296,3 +296,17 @@ def test_patch_size_comes_from_the_projector_and_is_checked(tmp_path: Path) -> N
         projector_patch_size(tmp_path / "broken" / "mmproj.gguf")
     with pytest.raises(QwenVLError, match="several projectors"):
         find_projector(tmp_path / "model.gguf")
+
+
+def test_missing_binary_is_named_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Needs no llama.cpp: a real (empty) model file and a real projector written with the gguf package."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    _touch(folder / "model.gguf")
+    _projector(folder / "mmproj-model.gguf", 14)
+    monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(tmp_path))
+    monkeypatch.delenv(LLAMA_SERVER_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(QwenVLError) as err:
+        ql.run_once(ql.LoadOptions(model="m/model.gguf"), _request(), manager=ql.ModelManager())
+    assert LLAMA_SERVER_ENV in str(err.value) and RELEASES_URL in str(err.value)
