@@ -310,3 +310,27 @@ def test_missing_binary_is_named_before_anything_starts(tmp_path: Path, monkeypa
     with pytest.raises(QwenVLError) as err:
         ql.run_once(ql.LoadOptions(model="m/model.gguf"), _request(), manager=ql.ModelManager())
     assert LLAMA_SERVER_ENV in str(err.value) and RELEASES_URL in str(err.value)
+
+
+def test_cancel_while_the_server_starts_leaves_no_process(manager: ql.ModelManager) -> None:
+    with pytest.raises(GenerationInterrupted):
+        manager.get(ql.LoadOptions(model=F16), should_stop=lambda: True)
+    assert manager.current is None
+    end = time.monotonic() + 15
+    while llama_server_pids(MODEL_FOLDER) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not llama_server_pids(MODEL_FOLDER)
+
+
+def test_a_broken_model_file_is_an_error_naming_the_log(gguf_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF" + b"\0" * 64)  # a header and nothing a model needs
+    (folder / "mmproj-model-f16.gguf").write_bytes((gguf_root / MODEL_FOLDER / "mmproj-model-f16.gguf").read_bytes())
+    monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(tmp_path))
+    manager = ql.ModelManager()
+    with pytest.raises(QwenVLError, match=r"llama-server for 'model.gguf' exited \(code \d+\) while starting; its "
+                                          r"log is .*\.log"):
+        ql.run_once(ql.LoadOptions(model="broken/model.gguf"), _request(), manager=manager)
+    assert manager.current is None and not llama_server_pids(str(folder))
