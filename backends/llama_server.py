@@ -14,8 +14,9 @@ answers in flight, the timing record) whose server is a :class:`LlamaServerProce
 * stopped when the model is released (Unload / ``POST /free``, ``keep_model_loaded`` off, another model
   chosen: the model manager calls ``close()``), at interpreter exit, and, for a killed ComfyUI, by the kernel:
   on Linux the server gets ``PR_SET_PDEATHSIG`` (SIGKILL) and is started from one long-lived thread (the
-  signal follows the thread that forked, not the process). It runs in its own process group so a stop reaches
-  anything it started;
+  signal follows the thread that forked, not the process); elsewhere (or with ``$QWENVL_FAST_LLAMA_WATCHDOG=pipe``)
+  a watchdog process kills it when the pipe from the pack's process closes. It runs in its own process group so
+  a stop reaches anything it started;
 * a server that died between runs is started again by the next run; one that dies during a run fails that run
   with an error naming its log.
 
@@ -60,6 +61,7 @@ LLAMA_SERVER_ENV = "QWENVL_FAST_LLAMA_SERVER"
 CONTEXT_ENV = "QWENVL_FAST_LLAMA_CONTEXT"
 CACHE_RAM_ENV = "QWENVL_FAST_LLAMA_CACHE_RAM_MB"
 START_TIMEOUT_ENV = "QWENVL_FAST_LLAMA_START_TIMEOUT"
+WATCHDOG_ENV = "QWENVL_FAST_LLAMA_WATCHDOG"  # auto (Linux: parent-death signal; elsewhere: pipe) or pipe
 LOG_DIR_ENV = "QWENVL_FAST_LLAMA_LOG_DIR"
 RELEASES_URL = "https://github.com/ggml-org/llama.cpp/releases"
 # Tokens of context per answer in flight (slot): a 1024-token image, a system prompt and a long answer. The KV
@@ -249,6 +251,41 @@ class _Spawner:
 
 
 _SPAWNER = _Spawner()
+
+# The pipe watchdog (macOS, Windows; Linux with $QWENVL_FAST_LLAMA_WATCHDOG=pipe): a small Python process in its own
+# session that reads its stdin, a pipe whose only writer is the pack's process. The read returns at EOF, which the
+# OS delivers when that process dies however it dies; then the server's process group (Windows: tree) is killed.
+# A normal stop() kills the watchdog first, so it never acts on a pid that may have been reused.
+_WATCHDOG_SOURCE = """
+import os, signal, subprocess, sys
+pid = int(sys.argv[1])
+sys.stdin.buffer.read()
+try:
+    if os.name == "posix":
+        os.killpg(pid, signal.SIGKILL)
+    else:
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+except Exception:
+    pass
+"""
+
+
+def _watchdog_mode() -> str:
+    mode = os.environ.get(WATCHDOG_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "pipe"):
+        raise QwenVLError(f"${WATCHDOG_ENV} must be 'auto' or 'pipe' (it is '{mode[:20]}').")
+    if mode == "auto" and not sys.platform.startswith("linux"):
+        return "pipe"
+    return mode
+
+
+def _start_watchdog(server_pid: int) -> subprocess.Popen:
+    kwargs: dict[str, Any] = dict(stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if os.name == "posix":
+        kwargs["start_new_session"] = True  # a Ctrl-C to ComfyUI's process group must not end the watchdog first
+    else:
+        kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG_SOURCE, str(server_pid)], **kwargs)
 _LIVE: weakref.WeakSet[LlamaServerProcess] = weakref.WeakSet()
 
 
@@ -287,6 +324,8 @@ class LlamaServerProcess:
         self.start_seconds: float | None = None
         self._began = 0.0
         self._log_start = 0
+        self.watchdog_mode = _watchdog_mode()
+        self.watchdog: subprocess.Popen | None = None
         self._log_file: Any = None
 
     @staticmethod
@@ -364,7 +403,7 @@ class LlamaServerProcess:
                                       cwd=str(self.log_path.parent))
         if os.name == "posix":
             kwargs["start_new_session"] = True  # its own process group: stop() reaches all of it
-            preexec = _linux_die_with_parent(os.getpid())
+            preexec = _linux_die_with_parent(os.getpid()) if self.watchdog_mode == "auto" else None
             if preexec is not None:
                 kwargs["preexec_fn"] = preexec
         else:
@@ -376,6 +415,12 @@ class LlamaServerProcess:
             raise QwenVLError(f"Cannot start llama-server '{self.binary}' ({exc}): set ${LLAMA_SERVER_ENV} to a "
                               f"llama-server built for this machine ({RELEASES_URL}).") from None
         _LIVE.add(self)
+        if self.watchdog_mode == "pipe":
+            try:
+                self.watchdog = _start_watchdog(self.proc.pid)
+            except OSError as exc:  # the server runs; only a killed ComfyUI would leave it behind
+                log.warning("[QwenVL-Fast] could not start the llama-server watchdog (%s): a killed ComfyUI may "
+                            "leave the server running", exc)
         self._began = time.monotonic()
         log.info("[QwenVL-Fast] started llama-server (pid %d) for %s on 127.0.0.1:%d; log: %s", self.proc.pid,
                  self.model_file.name, self.port, self.log_path)
@@ -417,6 +462,14 @@ class LlamaServerProcess:
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """Terminate its process group, then kill it. Safe to call twice, from any thread."""
         proc, self.proc = self.proc, None
+        watchdog, self.watchdog = self.watchdog, None
+        if watchdog is not None:  # first, so it never kills a process group whose id was reused
+            with contextlib.suppress(OSError):
+                watchdog.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                watchdog.wait(timeout=grace)
+            with contextlib.suppress(OSError):
+                watchdog.stdin.close()
         if proc is not None:
             if proc.poll() is None:
                 self._signal(proc, signal.SIGTERM)

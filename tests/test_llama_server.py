@@ -215,8 +215,10 @@ def test_missing_binary_names_the_variable_and_the_releases(manager: ql.ModelMan
     assert LLAMA_SERVER_ENV in str(err.value) and RELEASES_URL in str(err.value) and "PATH" in str(err.value)
 
 
-def test_a_killed_parent_leaves_no_orphan_server(gguf_root: Path) -> None:
-    """A ComfyUI killed with SIGKILL runs no atexit: the kernel's parent-death signal must end the server."""
+@pytest.mark.parametrize("watchdog", ["auto", "pipe"])
+def test_a_killed_parent_leaves_no_orphan_server(gguf_root: Path, watchdog: str) -> None:
+    """A ComfyUI killed with SIGKILL runs no atexit: the kernel's parent-death signal (Linux, ``auto``) or the pipe
+    watchdog (macOS and Windows; forced here with ``pipe``) must end the server."""
     child = textwrap.dedent(f"""
         import sys, threading
         sys.path.insert(0, {str(REPO_ROOT)!r})
@@ -232,7 +234,7 @@ def test_a_killed_parent_leaves_no_orphan_server(gguf_root: Path) -> None:
         sys.stdin.read()
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=os.environ.copy())
+                            text=True, env={**os.environ, "QWENVL_FAST_LLAMA_WATCHDOG": watchdog})
     try:
         line = proc.stdout.readline()
         assert line.strip().isdigit(), line
@@ -334,3 +336,13 @@ def test_a_broken_model_file_is_an_error_naming_the_log(gguf_root: Path, tmp_pat
                                           r"log is .*\.log"):
         ql.run_once(ql.LoadOptions(model="broken/model.gguf"), _request(), manager=manager)
     assert manager.current is None and not llama_server_pids(str(folder))
+
+
+def test_the_pipe_watchdog_goes_with_a_normal_stop(manager: ql.ModelManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWENVL_FAST_LLAMA_WATCHDOG", "pipe")
+    ql.run_once(ql.LoadOptions(model=F16), _request(), manager=manager)
+    pid = _server_pid(manager)
+    watchdog = manager.current.process.watchdog
+    assert watchdog is not None and watchdog.poll() is None
+    manager.release()
+    assert _gone(pid) and watchdog.poll() is not None
