@@ -70,6 +70,7 @@ DEFAULT_CONTEXT_PER_SLOT = 4096
 DEFAULT_CACHE_RAM_MB = 1024  # llama-server's prompt cache grows with requests without a bound (facts file)
 DEFAULT_START_TIMEOUT_S = 600.0  # loading a large model from a cold disk
 HEALTH_POLL_S = 0.1
+MAX_LOG_BYTES = 16 << 20  # checked at each start: a log past it becomes <name>.log.1
 STOP_GRACE_S = 5.0
 PROJECTOR_PREFIX = "mmproj"
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
@@ -395,6 +396,9 @@ class LlamaServerProcess:
                     raise self.died_error("three times: its port was taken each time") from None
 
     def _launch(self) -> None:
+        with contextlib.suppress(OSError):  # a long session's log is kept to about twice MAX_LOG_BYTES
+            if self.log_path.stat().st_size > MAX_LOG_BYTES:
+                os.replace(self.log_path, self.log_path.with_suffix(".log.1"))
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed by stop())
         self._log_file.write(f"\n=== QwenVL-Fast: {' '.join(self.command())}\n".encode())
         self._log_file.flush()
