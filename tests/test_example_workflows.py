@@ -31,7 +31,7 @@ def expected_widgets(cls):
 
 def test_three_examples_exist():
     names = {p.stem for p in WORKFLOWS}
-    assert {"caption_an_image", "ask_about_an_image", "batch_caption_a_folder"} <= names
+    assert {"Caption an image", "Ask two questions with one loaded model", "Caption a folder"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

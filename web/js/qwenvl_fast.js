@@ -1,0 +1,96 @@
+// Qwen-VL Fast: each node shows its result (answer, timing line, warnings; Caption Folder's summary; Cache Info's
+// figures) in a read-only text box on the node, and keeps showing it after a page reload and when ComfyUI serves
+// the run from its cache. Plain JS, no build step. The Python side composes the lines (nodes.py "ui" dicts).
+import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
+
+const PACK_NODES = new Set([
+    "QwenVLFast_Ask", "QwenVLFast_Run", "QwenVLFast_Generate", "QwenVLFast_CaptionFolder", "QwenVLFast_CacheInfo",
+]);
+const WIDGET_NAME = "qwenvl_fast_result";
+// Kept in the node's properties (saved with the workflow), not in widgets_values: values are matched to widgets
+// by position, so an extra value would shift nothing today but would sit where a future optional input goes.
+const PROPERTY = "qwenvl_fast_result";
+
+function strings(message, key) {
+    const value = message?.[key];
+    return Array.isArray(value) ? value.map((v) => String(v)) : [];
+}
+
+// The text a node shows for one run's ui dict.
+function shownText(nodeName, message) {
+    if (nodeName === "QwenVLFast_CaptionFolder") {
+        return strings(message, "text").join("\n");  // its first line is the summary
+    }
+    if (nodeName === "QwenVLFast_CacheInfo") {
+        return [...strings(message, "summary"), ...strings(message, "text")].join("\n");
+    }
+    const head = [...strings(message, "summary"), ...strings(message, "warnings").map((w) => "\u26a0 " + w)];
+    const answers = strings(message, "text");
+    const body = answers.length > 1 ? answers.map((t, i) => `[${i + 1}] ${t}`).join("\n\n") : (answers[0] ?? "");
+    return [...head, "", body].join("\n");
+}
+
+function resultWidget(node) {
+    let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
+    if (widget) return widget;
+    widget = ComfyWidgets.STRING(node, WIDGET_NAME, ["STRING", { multiline: true }], app).widget;
+    widget.serialize = false;  // not in widgets_values
+    widget.options = { ...(widget.options ?? {}), serialize: false };  // not sent to the server as an input
+    const box = widget.inputEl ?? widget.element;
+    if (box) {
+        box.readOnly = true;
+        box.style.opacity = "0.85";
+        box.dataset.qwenvlFast = "result";  // for tests and user styles
+        box.title = "Qwen-VL Fast: the last run's result (read-only)";
+    }
+    return widget;
+}
+
+function showOnNode(node, text) {
+    const widget = resultWidget(node);
+    widget.value = text;
+    const box = widget.inputEl ?? widget.element;
+    if (box && "value" in box) box.value = text;
+    node.properties = node.properties ?? {};
+    node.properties[PROPERTY] = text;
+    // Room for the text box, but never shrink what the user sized.
+    const wanted = node.computeSize?.();
+    if (wanted && node.size && (wanted[1] > node.size[1] || wanted[0] > node.size[0])) {
+        node.setSize?.([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1])]);
+    }
+    node.setDirtyCanvas?.(true, true);
+}
+
+app.registerExtension({
+    name: "QwenVLFast.ShowResults",
+    async beforeRegisterNodeDef(nodeType, nodeData) {
+        if (!PACK_NODES.has(nodeData?.name)) return;
+        const nodeName = nodeData.name;
+
+        const onExecuted = nodeType.prototype.onExecuted;
+        nodeType.prototype.onExecuted = function (message) {
+            const result = onExecuted?.apply(this, arguments);
+            try {
+                showOnNode(this, shownText(nodeName, message));
+            } catch (error) {
+                console.warn("[QwenVL-Fast] could not show the result on the node", error);
+            }
+            return result;
+        };
+
+        const onConfigure = nodeType.prototype.onConfigure;
+        nodeType.prototype.onConfigure = function () {
+            const result = onConfigure?.apply(this, arguments);
+            const saved = this.properties?.[PROPERTY];
+            if (typeof saved === "string" && saved) {
+                try {
+                    showOnNode(this, saved);
+                } catch (error) {
+                    console.warn("[QwenVL-Fast] could not restore the result on the node", error);
+                }
+            }
+            return result;
+        };
+    },
+});
