@@ -1,8 +1,8 @@
 // Qwen-VL Fast: each node shows its result (answer, timing line, warnings; Caption Folder's summary; Cache Info's
 // figures) in a read-only text box on the node, and keeps showing it after a page reload and when ComfyUI serves
 // the run from its cache. Plain JS, no build step. The Python side composes the lines (nodes.py "ui" dicts).
-import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
+import { app } from "../../../scripts/app.js";
+import { ComfyWidgets } from "../../../scripts/widgets.js";
 
 const PACK_NODES = new Set([
     "QwenVLFast_Ask", "QwenVLFast_Run", "QwenVLFast_Generate", "QwenVLFast_CaptionFolder", "QwenVLFast_CacheInfo",
@@ -31,12 +31,20 @@ function shownText(nodeName, message) {
     return [...head, "", body].join("\n");
 }
 
-function resultWidget(node) {
+const MIN_BOX_HEIGHT = 140;
+
+function resultWidget(node, grow) {
     let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
     if (widget) return widget;
-    widget = ComfyWidgets.STRING(node, WIDGET_NAME, ["STRING", { multiline: true }], app).widget;
-    widget.serialize = false;  // not in widgets_values
-    widget.options = { ...(widget.options ?? {}), serialize: false };  // not sent to the server as an input
+    const before = node.size ? [...node.size] : null;
+    ComfyWidgets.STRING(node, WIDGET_NAME, ["STRING", { multiline: true }], app);
+    // The node's own entry (some frontends keep a different object than the one ComfyWidgets returns).
+    widget = node.widgets.find((w) => w.name === WIDGET_NAME);
+    widget.serialize = false;  // not in widgets_values: workflows keep their widget positions
+    if (widget.options) {
+        widget.options.serialize = false;  // not sent to the server as an input
+        widget.options.getMinHeight = () => MIN_BOX_HEIGHT;
+    }
     const box = widget.inputEl ?? widget.element;
     if (box) {
         box.readOnly = true;
@@ -44,22 +52,37 @@ function resultWidget(node) {
         box.dataset.qwenvlFast = "result";  // for tests and user styles
         box.title = "Qwen-VL Fast: the last run's result (read-only)";
     }
+    // Room for the box when it first appears; a restored node's saved size already has it.
+    if (before && grow) node.setSize?.([before[0], before[1] + MIN_BOX_HEIGHT]);
     return widget;
 }
 
-function showOnNode(node, text) {
-    const widget = resultWidget(node);
+// Tell the frontend the workflow changed, so that the saved copy (restored on reload) has the shown text. The
+// frontend checks for changes on mouse and key events only; a run ending is neither. Older frontends save the
+// graph every second on their own and have no change tracker.
+function markWorkflowChanged() {
+    try {
+        const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+        const capture = tracker?.captureCanvasState ?? tracker?.checkState;
+        capture?.call(tracker);
+    } catch (error) {
+        console.debug("QwenVL-Fast: no change tracker", error);
+    }
+}
+
+function showOnNode(node, text, { restoring = false } = {}) {
+    const widget = resultWidget(node, !restoring);
     widget.value = text;
     const box = widget.inputEl ?? widget.element;
     if (box && "value" in box) box.value = text;
     node.properties = node.properties ?? {};
     node.properties[PROPERTY] = text;
-    // Room for the text box, but never shrink what the user sized.
     const wanted = node.computeSize?.();
     if (wanted && node.size && (wanted[1] > node.size[1] || wanted[0] > node.size[0])) {
         node.setSize?.([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1])]);
     }
     node.setDirtyCanvas?.(true, true);
+    if (!restoring) markWorkflowChanged();
 }
 
 app.registerExtension({
@@ -85,7 +108,7 @@ app.registerExtension({
             const saved = this.properties?.[PROPERTY];
             if (typeof saved === "string" && saved) {
                 try {
-                    showOnNode(this, saved);
+                    showOnNode(this, saved, { restoring: true });
                 } catch (error) {
                     console.warn("[QwenVL-Fast] could not restore the result on the node", error);
                 }
