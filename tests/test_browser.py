@@ -36,8 +36,8 @@ PACK_NODES = ("QwenVLFast_Ask", "QwenVLFast_Run", "QwenVLFast_Generate", "QwenVL
 ANSWER_NODES = ("QwenVLFast_Ask", "QwenVLFast_Run", "QwenVLFast_Generate")
 RESULT_WIDGET = "qwenvl_fast_result"
 RUN_TIMEOUT_S = 180.0
-# Console messages that are not ours and not errors of the page (a missing favicon, the frontend's own notices).
-IGNORED_CONSOLE = ("favicon", "Failed to load resource", "[DEPRECATION WARNING]", "deprecated")
+# Console messages that are not errors of the page: a missing favicon or template picture, deprecation notices.
+IGNORED_CONSOLE = ("favicon", "Failed to load resource", "[DEPRECATION WARNING]")
 
 
 def chromium_path() -> str | None:
@@ -108,7 +108,7 @@ def page(browser, server):
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     tab = context.new_page()
     tab.problems = []
-    tab.on("pageerror", lambda exc: tab.problems.append(f"page error: {exc} {getattr(exc, 'stack', '')}"))
+    tab.on("pageerror", lambda exc: _note_problem(tab, f"page error: {exc} {getattr(exc, 'stack', '')}"))
     tab.on("console", lambda msg: _note_console(tab, msg))
     open_app(tab, server)
     yield tab
@@ -116,11 +116,17 @@ def page(browser, server):
 
 
 def _note_console(tab, msg) -> None:
-    if msg.type == "error" and not any(s in msg.text for s in IGNORED_CONSOLE):
+    if msg.type in ("error", "warning") and not any(s in msg.text for s in IGNORED_CONSOLE):
         where = msg.location.get("url", "") if isinstance(msg.location, dict) else ""
-        tab.problems.append(f"console error: {msg.text} ({where})")
-    if "[QwenVL-Fast]" in msg.text:  # our extension's own warnings count as problems too
-        tab.problems.append(f"extension: {msg.text}")
+        _note_problem(tab, f"console {msg.type}: {msg.text} ({where})")
+
+
+def _note_problem(tab, text: str) -> None:
+    """Errors that name this pack (its extension's URL, its nodes, its log prefix) fail the test. The frontend's
+    own complaints do not: a newer frontend on an older server asks for APIs that server lacks (1.58's Jobs API
+    on 0.3.64), and 1.27 throws in a setting's handler in a headless page; neither is this pack's doing."""
+    if "qwenvl" in text.lower():
+        tab.problems.append(text)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -142,9 +148,7 @@ def open_app(tab, server) -> None:
         "() => window.app && window.app.graph && window.LiteGraph"
         " && window.LiteGraph.registered_node_types['QwenVLFast_Ask']", timeout=90_000)
     dismiss_dialogs(tab)
-    # The frontend's own start-up errors (a setting's handler in 1.27 throws in a headless page) are not ours: from
-    # start-up only what names this pack counts (e.g. "Error loading extension /extensions/ComfyUI-QwenVL-Fast/...").
-    tab.problems[known:] = [p for p in tab.problems[known:] if "qwenvl" in p.lower()]
+    assert tab.problems[known:] == [], tab.problems[known:]  # e.g. "Error loading extension .../QwenVL-Fast/..."
 
 
 def dismiss_dialogs(tab) -> None:
@@ -178,6 +182,7 @@ def pack_nodes(tab) -> list[dict]:
         """([types, name]) => window.app.graph._nodes.filter(n => types.includes(n.type)).map(n => ({
             id: String(n.id), type: n.type,
             shown: (n.widgets ?? []).find(w => w.name === name)?.value ?? '',
+            size: [Math.round(n.size[0]), Math.round(n.size[1])],
         }))""",
         [list(PACK_NODES), RESULT_WIDGET],
     )
@@ -321,6 +326,7 @@ def test_result_stays_after_a_reload_and_a_cached_run(page, server):
     page.wait_for_function("() => window.app.graph._nodes.length > 0", timeout=30_000)
     (again,) = pack_nodes(page)
     assert again["shown"] == node["shown"]
+    assert again["size"] == node["size"]  # restoring the box does not grow the node on every reload
     assert shown_boxes(page) == [node["shown"]]
     # Queue the unchanged graph: ComfyUI serves it from its cache; the node still shows the same answer.
     cached = queue_and_wait(page, server, 1)
