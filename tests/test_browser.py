@@ -328,7 +328,14 @@ def test_result_stays_after_a_reload_and_a_cached_run(page, server):
     assert again["shown"] == node["shown"]
     assert again["size"] == node["size"]  # restoring the box does not grow the node on every reload
     assert shown_boxes(page) == [node["shown"]]
-    # Queue the unchanged graph: ComfyUI serves it from its cache; the node still shows the same answer.
+    # Queue the unchanged graph: ComfyUI serves it from its cache. Emptied first (as a node loaded from a file
+    # saved before any run), the box must fill again from the cached run alone.
+    page.evaluate(
+        """([name]) => { for (const n of window.app.graph._nodes) {
+            const w = (n.widgets ?? []).find(w => w.name === name);
+            if (w) { w.value = ''; delete n.properties[name]; }
+        } }""", [RESULT_WIDGET])
+    assert pack_nodes(page)[0]["shown"] == ""
     cached = queue_and_wait(page, server, 1)
     (after,) = pack_nodes(page)
     assert answer in after["shown"] and after["shown"].splitlines()[0] == node["shown"].splitlines()[0]

@@ -1,6 +1,7 @@
 // Qwen-VL Fast: each node shows its result (answer, timing line, warnings; Caption Folder's summary; Cache Info's
 // figures) in a read-only text box on the node, and keeps showing it after a page reload and when ComfyUI serves
 // the run from its cache. Plain JS, no build step. The Python side composes the lines (nodes.py "ui" dicts).
+import { api } from "../../../scripts/api.js";
 import { app } from "../../../scripts/app.js";
 import { ComfyWidgets } from "../../../scripts/widgets.js";
 
@@ -85,8 +86,43 @@ function showOnNode(node, text, { restoring = false } = {}) {
     if (!restoring) markWorkflowChanged();
 }
 
+// A run served from ComfyUI's cache: newer servers send each cached node's ui dict again ("executed"); older ones
+// (e.g. March 2024) only say which nodes were cached. Their ui dicts are in the prompt's /history entry once the
+// prompt has finished, so a node loaded fresh (no saved result) still shows the cached run's result.
+async function showCachedResults(promptId, nodeIds) {
+    const ours = nodeIds.filter((id) => PACK_NODES.has(app.graph?.getNodeById?.(id)?.type));
+    if (!promptId || ours.length === 0) return;
+    for (let attempt = 0, waited = 0; waited < 15 * 60 * 1000; attempt++) {
+        const delay = Math.min(250 * 1.5 ** attempt, 5000);
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        waited += delay;
+        let entry;
+        try {
+            const response = await api.fetchApi(`/history/${encodeURIComponent(promptId)}`);
+            if (!response.ok) return;
+            entry = (await response.json())?.[promptId];
+        } catch (error) {
+            console.debug("QwenVL-Fast: no history for a cached run", error);
+            return;
+        }
+        if (!entry) continue;  // still running
+        for (const id of ours) {
+            const node = app.graph.getNodeById(id);
+            const ui = entry.outputs?.[id];
+            if (node && ui) showOnNode(node, shownText(node.type, ui));
+        }
+        return;
+    }
+}
+
 app.registerExtension({
     name: "QwenVLFast.ShowResults",
+    setup() {
+        api.addEventListener("execution_cached", (event) => {
+            const detail = event?.detail ?? {};
+            showCachedResults(detail.prompt_id, (detail.nodes ?? []).map(String));
+        });
+    },
     async beforeRegisterNodeDef(nodeType, nodeData) {
         if (!PACK_NODES.has(nodeData?.name)) return;
         const nodeName = nodeData.name;
