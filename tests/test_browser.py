@@ -27,6 +27,8 @@ from conftest import ROOT
 pytestmark = pytest.mark.comfyui
 
 TINY = "tiny-qwen2.5-vl"
+SHORT = "tiny-short-context"  # the tiny model with a context of SHORT_CONTEXT tokens: max_new_tokens gets cut
+SHORT_CONTEXT = 600
 CHROMIUM_ENV = "QWENVL_FAST_CHROMIUM"
 FRONTEND_ENV = "QWENVL_FAST_FRONTEND_ROOT"
 SCREENSHOTS_ENV = "QWENVL_FAST_SCREENSHOTS"
@@ -72,6 +74,10 @@ def server(tmp_path_factory):
     extra = ["--front-end-root", frontend] if frontend else []
     srv = ComfyServer(extra_args=extra)
     srv.prepare()
+    short = srv.add_model(SHORT)
+    config = json.loads((short / "config.json").read_text())
+    set_context(config, SHORT_CONTEXT)
+    (short / "config.json").write_text(json.dumps(config, indent=1))
     write_picture(srv.input_dir / "example.png", seed=3)
     pictures = srv.work_dir / "pictures"
     pictures.mkdir()
@@ -141,6 +147,15 @@ def write_picture(path: Path, seed: int) -> None:
     img.save(path)
 
 
+def set_context(config: dict, tokens: int) -> None:
+    """Every max_position_embeddings in a model config (top level and text_config) set to ``tokens``."""
+    for key, value in config.items():
+        if key == "max_position_embeddings":
+            config[key] = tokens
+        elif isinstance(value, dict):
+            set_context(value, tokens)
+
+
 def open_app(tab, server) -> None:
     known = len(tab.problems)
     tab.goto(server.url, wait_until="domcontentloaded")
@@ -158,20 +173,20 @@ def dismiss_dialogs(tab) -> None:
         tab.wait_for_timeout(150)
 
 
-def load_workflow(tab, workflow: dict, server) -> None:
-    """Load a workflow the way the template browser does, then point it at the tiny model and test folder."""
+def load_workflow(tab, workflow: dict, server, model: str = TINY, **widgets) -> None:
+    """Load a workflow the way the template browser does, then point it at the tiny model and test folder
+    (and set any other ``widgets`` by name)."""
     tab.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
     tab.evaluate(
-        """([model, folder]) => {
+        """(values) => {
             for (const node of window.app.graph._nodes) {
                 for (const w of node.widgets ?? []) {
-                    if (w.name === 'model') w.value = model;
-                    if (w.name === 'folder') w.value = folder;
+                    if (w.name in values) w.value = values[w.name];
                 }
             }
             window.app.graph.setDirtyCanvas(true, true);
         }""",
-        [TINY, str(server.pictures)],
+        {"model": model, "folder": str(server.pictures), **widgets},
     )
     dismiss_dialogs(tab)
 
@@ -341,6 +356,18 @@ def test_result_stays_after_a_reload_and_a_cached_run(page, server):
     assert answer in after["shown"] and after["shown"].splitlines()[0] == node["shown"].splitlines()[0]
     assert cached["outputs"].get(node["id"], entry["outputs"][node["id"]])["text"] == [answer]
     assert page.problems == [], page.problems
+
+
+def test_a_cut_max_new_tokens_is_a_warning_on_the_node(page, server):
+    workflow = json.loads((ROOT / "example_workflows" / "Caption an image.json").read_text())
+    load_workflow(page, workflow, server, model=SHORT, max_new_tokens=1000, image_quality="fast")
+    entry = queue_and_wait(page, server, 1)
+    (node,) = pack_nodes(page)
+    (warning,) = entry["outputs"][node["id"]]["warnings"]
+    assert warning.startswith("max_new_tokens reduced from 1000 to ") and f"context of {SHORT_CONTEXT}" in warning
+    assert node["shown"].splitlines()[1] == "\u26a0 " + warning  # right under the timing line
+    assert page.problems == [], page.problems
+    print(f"shown on the node: {node['shown'].splitlines()[:2]}")
 
 
 def test_compact_node_is_small_and_the_all_in_one_node_folds_its_rare_inputs(page):
