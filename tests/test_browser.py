@@ -383,3 +383,30 @@ def test_compact_node_is_small_and_the_all_in_one_node_folds_its_rare_inputs(pag
     assert ask["widgets"] == 7, counts
     assert ask["height"] < run["height"], counts
     print(f"widgets and height per node: {counts}")
+
+
+def test_template_browser_gets_a_picture_and_a_readable_title_per_example(page, server):
+    """What the template browser asks for: the pack's workflow names (shown as titles) and <name>.jpg beside each."""
+    listed = page.evaluate("""async () => {
+        const r = await fetch('/api/workflow_templates');
+        return r.ok ? await r.json() : null;
+    }""")
+    if listed is None:
+        pytest.skip("this ComfyUI has no template browser (/api/workflow_templates)")
+    names = sorted(listed.get("ComfyUI-QwenVL-Fast", []))
+    assert names == sorted(p.stem for p in WORKFLOWS)
+    assert all(" " in n and n[0].isupper() for n in names)  # titles read as words, not file_names
+    for name in names:
+        # The URL the frontend builds for a custom node's template card (the extension is fixed to .jpg).
+        status, kind, size = page.evaluate("""async (name) => {
+            const r = await fetch('/api/workflow_templates/ComfyUI-QwenVL-Fast/' + encodeURIComponent(name) + '.jpg');
+            return [r.status, r.headers.get('content-type'), (await r.arrayBuffer()).byteLength];
+        }""", name)
+        assert (status, kind) == (200, "image/jpeg") and size > 10_000, (name, status, kind, size)
+    if os.environ.get(SCREENSHOTS_ENV):
+        # The template browser as a user opens it, on the pack's category (for the README).
+        page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+        page.get_by_text("ComfyUI-QwenVL-Fast").first.click()
+        page.wait_for_timeout(2500)  # the card pictures load
+        page.screenshot(path=str(Path(os.environ[SCREENSHOTS_ENV]) / "template-browser.jpg"), type="jpeg",
+                        quality=85)
