@@ -352,6 +352,9 @@ class QwenVLFastCacheInfo:
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("info",)
     OUTPUT_TOOLTIPS = ("The cache's figures as JSON: hits, misses, entries and bytes per tier.",)
+    # A list on 'after' (Caption Folder's captions) orders this node once, not once per item; so every input
+    # arrives as a list.
+    INPUT_IS_LIST = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -370,13 +373,19 @@ class QwenVLFastCacheInfo:
     def IS_CHANGED(cls, **kwargs):
         return float("nan")  # a new NaN each time: ComfyUI compares by identity first, math.nan would match
 
-    def info(self, clear_memory: bool, clear_disk: bool, after: Any = None) -> dict[str, Any]:
+    def info(self, clear_memory: bool | list[bool], clear_disk: bool | list[bool], after: Any = None) -> dict[str, Any]:
+        clear_memory, clear_disk = _single(clear_memory), _single(clear_disk)
         cache = ql.get_cache(True)
         if clear_memory or clear_disk:
             cache.clear(memory=clear_memory, disk=clear_disk)
         figures = cache.info()
         text = json.dumps(figures, indent=1)
         return {"ui": {"text": [text], "summary": [cache_summary_line(figures)]}, "result": (text,)}
+
+
+def _single(value: Any) -> Any:
+    """A widget's value from an INPUT_IS_LIST node (a one-item list), or the value itself when called directly."""
+    return value[0] if isinstance(value, list) and value else value
 
 
 class _AnyType(str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -320,6 +321,11 @@ def test_example_workflow_loads_runs_and_shows_its_result(page, server, path):
             assert node["shown"].splitlines()[0] == summary  # the timing line is the first line on the node
         if node["type"] == "QwenVLFast_CaptionFolder":
             assert node["shown"].startswith("2 written, 0 skipped, 0 failed"), node["shown"][:200]
+        if node["type"] == "QwenVLFast_CacheInfo":
+            # Chained after the caption job, it counts that job's two pictures (before it: at most one miss, the
+            # other example's picture).
+            misses = re.search(r"\u00b7 (\d+) misses \u00b7", node["shown"].splitlines()[0])
+            assert misses and int(misses.group(1)) >= 2, node["shown"][:200]
     boxes = shown_boxes(page)
     assert sorted(boxes) == sorted(n["shown"] for n in pack_nodes(page))  # really drawn, not only in JS
     assert page.problems == [], page.problems

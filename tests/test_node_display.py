@@ -117,7 +117,9 @@ def test_cache_info_orders_after_a_job_and_sums_up(nodes):
     assert list(spec["optional"]) == ["after"]
     after_type = spec["optional"]["after"][0]
     assert after_type == "*" and not (after_type != "IMAGE")  # accepts any link
-    out = nodes.QwenVLFastCacheInfo().info(False, False, after=["any value"])
+    assert nodes.QwenVLFastCacheInfo.INPUT_IS_LIST  # a list on 'after' runs it once
+    out = nodes.QwenVLFastCacheInfo().info([False], [False], after=["caption 1", "caption 2"])
+    assert out["result"] == nodes.QwenVLFastCacheInfo().info(False, False)["result"]
     assert out["ui"]["summary"][0].startswith("0 hits (0 memory, 0 disk) · 0 misses · memory 0 entries")
     assert nodes.cache_summary_line({"memory_hits": 3, "disk_hits": 1, "misses": 2, "memory_entries": 4,
                                      "memory_bytes": 3 * 2**20, "disk_enabled": True, "disk_entries": 1,
