@@ -29,6 +29,9 @@ def _check_versions() -> str | None:
     return None
 
 
+# The small frontend extension (web/js/qwenvl_fast.js) that shows each node's result on the node.
+WEB_DIRECTORY = "./web"
+
 _problem = _check_versions()
 if not __package__:
     # Imported as a plain module, not as ComfyUI's custom-node package: pytest does this to a checkout whose
@@ -42,4 +45,4 @@ else:
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -60,7 +60,10 @@ def run_generation(options: ql.LoadOptions, inputs: dict[str, Any], keep_model_l
         raise
     timing = result.record.to_json()
     return {
-        "ui": {"text": list(result.texts), "timing": [timing]},
+        # "text" and "timing" as before (/history readers); "summary" and "warnings" for the node's own display
+        # (web/js/qwenvl_fast.js), which shows them above the answer and keeps them across reloads.
+        "ui": {"text": list(result.texts), "timing": [timing], "summary": [result.record.summary_line()],
+               "warnings": result.record.notices()},
         "result": (list(result.texts), list(result.thinking), timing),
     }
 
@@ -98,6 +101,34 @@ def _video_widgets() -> dict[str, tuple]:
 
 def _tip(text: str) -> dict[str, str]:
     return {"tooltip": text}
+
+
+# Inputs that the newest ComfyUI frontends fold away as "advanced" (frontend 1.27 ignores the flag and shows them):
+# everything but what the compact node has. The flag only changes how the input is drawn, never its order or value.
+ADVANCED_INPUTS = frozenset({
+    "system_prompt", "enable_image_cache", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
+    "batch_mode", "quantization", "attention_mode", "dtype", "device", "compile_vision", "compile_decode",
+    "backend", "server_url", "server_model", "server_max_in_flight", "server_upload_format", "video_fps",
+    "max_frames",
+})
+
+
+def _advanced(inputs: dict[str, tuple]) -> dict[str, tuple]:
+    """The same inputs, the rarely-used ones marked ``"advanced": True``."""
+    out = {}
+    for name, (kind, *rest) in inputs.items():
+        options = dict(rest[0]) if rest else {}
+        if name in ADVANCED_INPUTS:
+            options["advanced"] = True
+        out[name] = (kind, options)
+    return out
+
+
+OUTPUT_TIPS = {
+    "text": "The answer(s): one per image with batch_mode 'one answer per image', else one.",
+    "thinking": "The model's reasoning (thinking models), one per answer; empty for other models.",
+    "timing": "The run's timing record as JSON: stages, visual tokens, cache tiers, tok/s, warnings and tips.",
+}
 
 
 def _generation_inputs() -> dict[str, tuple]:
@@ -190,6 +221,7 @@ class _AnswerNode:
     RETURN_TYPES = ("STRING", "STRING", "STRING")
     RETURN_NAMES = ("text", "thinking", "timing")
     OUTPUT_IS_LIST = (True, True, False)
+    OUTPUT_TOOLTIPS = tuple(OUTPUT_TIPS[name] for name in RETURN_NAMES)
 
 
 class QwenVLFastRun(_AnswerNode):
@@ -199,24 +231,55 @@ class QwenVLFastRun(_AnswerNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
+            "required": _advanced({
                 **_loader_inputs(),
                 **_generation_inputs(),
                 "keep_model_loaded": ("BOOLEAN", {"default": True, **_tip(
                     "Keep the model in memory for the next run; off releases it after this run.")}),
-            },
-            "optional": {
+            }),
+            "optional": _advanced({
                 "image": ("IMAGE", {**_tip("One image, or a batch: several images in one prompt.")}),
                 **_video_links(),
                 **_loader_extras(),
                 **_server_inputs(),
                 **_decode_inputs(),
                 **_video_widgets(),
-            },
+            }),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def run(self, keep_model_loaded: bool, unique_id: str | None = None, **inputs: Any) -> dict[str, Any]:
+        return run_generation(load_options(inputs), inputs, keep_model_loaded, unique_id)
+
+
+class QwenVLFastAsk(_AnswerNode):
+    """The common case on one small node; every other setting keeps its default (the all-in-one node has them)."""
+
+    DESCRIPTION = ("Ask a Qwen-VL model about the connected image(s) or video: the common settings only. For "
+                   "sampling, dtype, device, compile, attention, quantization or a server, use the all-in-one node.")
+    FUNCTION = "ask"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        loader, generation = _loader_inputs(), _generation_inputs()
+        return {
+            "required": {
+                "model": loader["model"],
+                "prompt": generation["prompt"],
+                "image_quality": generation["image_quality"],
+                "max_new_tokens": generation["max_new_tokens"],
+                "seed": generation["seed"],
+                "keep_model_loaded": ("BOOLEAN", {"default": True, **_tip(
+                    "Keep the model in memory for the next run; off releases it after this run.")}),
+            },
+            "optional": {
+                "image": ("IMAGE", _tip("One image, or a batch: several images in one prompt.")),
+                **_video_links(),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def ask(self, keep_model_loaded: bool, unique_id: str | None = None, **inputs: Any) -> dict[str, Any]:
         return run_generation(load_options(inputs), inputs, keep_model_loaded, unique_id)
 
 
@@ -237,6 +300,7 @@ class QwenVLFastLoadModel:
     FUNCTION = "load"
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("qwenvl_model",)
+    OUTPUT_TOOLTIPS = ("The model's load options, for Generate and Caption Folder nodes (the weights load once).",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -268,9 +332,10 @@ class QwenVLFastGenerate(_AnswerNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"qwenvl_model": (MODEL_TYPE, _tip("From Qwen-VL Fast Load Model.")), **_generation_inputs()},
-            "optional": {"image": ("IMAGE", _tip("One image, or a batch: several images in one prompt.")),
-                         **_video_links(), **_video_widgets()},
+            "required": _advanced({"qwenvl_model": (MODEL_TYPE, _tip("From Qwen-VL Fast Load Model.")),
+                                   **_generation_inputs()}),
+            "optional": _advanced({"image": ("IMAGE", _tip("One image, or a batch: several images in one prompt.")),
+                                   **_video_links(), **_video_widgets()}),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -286,25 +351,68 @@ class QwenVLFastCacheInfo:
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("info",)
+    OUTPUT_TOOLTIPS = ("The cache's figures as JSON: hits, misses, entries and bytes per tier.",)
+    # A list on 'after' (Caption Folder's captions) orders this node once, not once per item; so every input
+    # arrives as a list.
+    INPUT_IS_LIST = True
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "clear_memory": ("BOOLEAN", {"default": False, **_tip("Empty the in-memory tier.")}),
-            "clear_disk": ("BOOLEAN", {"default": False, **_tip(
-                f"Delete every entry of the disk tier (folder: ${CACHE_DIR_ENV} or the default).")}),
-        }}
+        return {
+            "required": {
+                "clear_memory": ("BOOLEAN", {"default": False, **_tip("Empty the in-memory tier.")}),
+                "clear_disk": ("BOOLEAN", {"default": False, **_tip(
+                    f"Delete every entry of the disk tier (folder: ${CACHE_DIR_ENV} or the default).")}),
+            },
+            # Optional and last. Any output linked here only orders the nodes: this one runs after that job.
+            "optional": {"after": (ANY_TYPE, _tip(
+                "Connect any output of a job (e.g. a caption run's text) so the figures are read after it."))},
+        }
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
         return float("nan")  # a new NaN each time: ComfyUI compares by identity first, math.nan would match
 
-    def info(self, clear_memory, clear_disk):
+    def info(self, clear_memory: bool | list[bool], clear_disk: bool | list[bool], after: Any = None) -> dict[str, Any]:
+        clear_memory, clear_disk = _single(clear_memory), _single(clear_disk)
         cache = ql.get_cache(True)
         if clear_memory or clear_disk:
             cache.clear(memory=clear_memory, disk=clear_disk)
-        text = json.dumps(cache.info(), indent=1)
-        return {"ui": {"text": [text]}, "result": (text,)}
+        figures = cache.info()
+        text = json.dumps(figures, indent=1)
+        return {"ui": {"text": [text], "summary": [cache_summary_line(figures)]}, "result": (text,)}
+
+
+def _single(value: Any) -> Any:
+    """A widget's value from an INPUT_IS_LIST node (a one-item list), or the value itself when called directly."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+class _AnyType(str):
+    """ComfyUI's usual "any type" socket: equal to every type, so any output can be linked."""
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+
+ANY_TYPE = _AnyType("*")
+
+
+def cache_summary_line(figures: dict[str, Any]) -> str:
+    """Cache Info's figures in one line for the node ("12 hits (10 memory, 2 disk) · 3 misses · ...")."""
+    hits = int(figures.get("memory_hits", 0)) + int(figures.get("disk_hits", 0))
+    parts = [f"{hits} hits ({figures.get('memory_hits', 0)} memory, {figures.get('disk_hits', 0)} disk)",
+             f"{figures.get('misses', 0)} misses",
+             f"memory {figures.get('memory_entries', 0)} entries, {_mib(figures.get('memory_bytes', 0))}"]
+    if figures.get("disk_enabled"):
+        parts.append(f"disk {figures.get('disk_entries', 0)} entries, {_mib(figures.get('disk_bytes', 0))}")
+    else:
+        parts.append("disk off")
+    return " · ".join(parts)
+
+
+def _mib(count: Any) -> str:
+    return f"{int(count or 0) / 2**20:.1f} MiB"
 
 
 class QwenVLFastCaptionFolder:
@@ -318,6 +426,8 @@ class QwenVLFastCaptionFolder:
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("captions", "files")
     OUTPUT_IS_LIST = (True, True)
+    OUTPUT_TOOLTIPS = ("The caption of each file (a list, in the files' order; empty for a file that failed).",
+                       "The path of each file (a list, matching captions).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -411,7 +521,8 @@ class QwenVLFastCaptionFolder:
         lines = [f"{_shown_name(r.path, path)}: {r.status}" for r in results]
         summary = summarize_captions(results)
         log.info("[QwenVL-Fast] Caption Folder %s: %s", path, summary)
-        return {"ui": {"text": [summary] + (lines or ["no images found"])}, "result": (captions, files)}
+        return {"ui": {"text": [summary] + (lines or ["no images found"]), "summary": [summary]},
+                "result": (captions, files)}
 
 
 # Caption Folder runs that finished: settings key -> (IS_CHANGED's value before the run, the folder's state after
@@ -547,6 +658,7 @@ def _handle(value: Any) -> QwenVLHandle:
 
 
 NODE_CLASS_MAPPINGS = {
+    "QwenVLFast_Ask": QwenVLFastAsk,
     "QwenVLFast_Run": QwenVLFastRun,
     "QwenVLFast_LoadModel": QwenVLFastLoadModel,
     "QwenVLFast_Generate": QwenVLFastGenerate,
@@ -555,6 +667,7 @@ NODE_CLASS_MAPPINGS = {
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "QwenVLFast_Ask": "Qwen-VL Fast",
     "QwenVLFast_Run": "Qwen-VL Fast (all-in-one)",
     "QwenVLFast_LoadModel": "Qwen-VL Fast Load Model",
     "QwenVLFast_Generate": "Qwen-VL Fast Generate",

@@ -57,6 +57,9 @@ class RunRecord:
     cache_stats: dict[str, Any] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)  # the server backend's client-side figures
     tips: list[str] = field(default_factory=list)
+    # What the engine changed or refused on its own (e.g. max_new_tokens cut to fit the context): shown on the node,
+    # not only in the log.
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +73,32 @@ class RunRecord:
         data = json.loads(text)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def summary_line(self) -> str:
+        """One line for the node: "1.8 s · 234 visual tokens · cache hit · 12.4 tok/s" (parts without data left out)."""
+        parts = [f"{self.total_s:.1f} s"]
+        if self.model_loaded_this_run:
+            parts.append("model loaded")
+        visual = sum(int(i.get("tokens", 0)) for i in self.images) + sum(int(v.get("tokens", 0)) for v in self.videos)
+        if self.images or self.videos:
+            parts.append(f"{visual} visual tokens")
+        tiers = [str(i.get("cache", "")) for i in [*self.images, *self.videos]]
+        hits = sum(t in ("memory", "disk") for t in tiers)
+        if tiers and any(t != "off" for t in tiers):
+            parts.append("cache hit" if hits == len(tiers) else "cache miss" if hits == 0
+                         else f"cache {hits}/{len(tiers)} hit")
+        if self.server:
+            parts.append("server")
+        parts.append(f"{self.new_tokens} new tokens")
+        if self.decode_tokens_per_s:
+            parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
+        if self.interrupted:
+            parts.append("interrupted")
+        return " · ".join(parts)
+
+    def notices(self) -> list[str]:
+        """What the user should read on the node: the warnings first, then the tips."""
+        return [*self.warnings, *self.tips]
 
     def summary(self) -> str:
         parts = [f"{k} {v * 1000:.1f}ms" for k, v in self.stages.items() if v > 0]

@@ -25,7 +25,7 @@ from ..core.api import GenerationRequest
 from ..core.errors import GenerationInterrupted, QwenVLError
 from ..core.sampling import Sampling
 from ..embedding_cache import ImageEmbedding
-from ..perf_monitor import RunMonitor, TokenTimer
+from ..perf_monitor import RunMonitor, RunRecord, TokenTimer
 from ..sources import tf_compat
 from ..sources.models import FamilyInfo
 from ..vision.images import PreparedImage
@@ -188,15 +188,20 @@ class Generator:
             torch.cuda.manual_seed_all(s.seed)
         return gen_kwargs
 
-    def fit_context(self, prompt_len: int, max_new: int) -> int:
+    def fit_context(self, prompt_len: int, max_new: int, record: RunRecord | None = None) -> int:
         if prompt_len >= self.context_length:
             raise QwenVLError(
                 f"The prompt is {prompt_len} tokens but the model's context is {self.context_length}: shorten the "
                 "prompt, use fewer images or a cheaper image_quality."
             )
         if prompt_len + max_new > self.context_length:
-            max_new = self.context_length - prompt_len
+            asked, max_new = max_new, self.context_length - prompt_len
             log.warning("[QwenVL-Fast] max_new_tokens reduced to %d to fit the model's context", max_new)
+            if record is not None:  # the node shows it too (perf_monitor.RunRecord.warnings)
+                note = (f"max_new_tokens reduced from {asked} to {max_new} to fit the model's context of "
+                        f"{self.context_length} tokens (the prompt takes {prompt_len}).")
+                if note not in record.warnings:
+                    record.warnings.append(note)
         return max_new
 
     def eos_ids(self) -> set[int]:
@@ -266,7 +271,7 @@ class Generator:
         rec.prompt_tokens += prompt_len
         if int(req.max_new_tokens) <= 0:
             return "", []
-        max_new = self.fit_context(prompt_len, int(req.max_new_tokens))
+        max_new = self.fit_context(prompt_len, int(req.max_new_tokens), rec)
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         gen_kwargs = self.sampling_kwargs(req, max_new)
         videos = videos or []
@@ -305,7 +310,7 @@ class Generator:
         if int(req.max_new_tokens) <= 0:
             rec.prompt_tokens += sum(lengths)
             return [("", []) for _ in rows]
-        max_new = self.fit_context(max(lengths), int(req.max_new_tokens))
+        max_new = self.fit_context(max(lengths), int(req.max_new_tokens), rec)
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in self.pad_rows(rows).items()}
         gen_kwargs = self.sampling_kwargs(req, max_new)
         eos = self.eos_ids()

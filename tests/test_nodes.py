@@ -52,7 +52,7 @@ def image_batch(n=1, h=96, w=128, c=3, seed=0):
 
 def test_node_mappings_and_tooltips(pack):
     assert set(pack.NODE_CLASS_MAPPINGS) == {
-        "QwenVLFast_Run", "QwenVLFast_LoadModel", "QwenVLFast_Generate", "QwenVLFast_CacheInfo",
+        "QwenVLFast_Ask", "QwenVLFast_Run", "QwenVLFast_LoadModel", "QwenVLFast_Generate", "QwenVLFast_CacheInfo",
         "QwenVLFast_CaptionFolder",
     }
     for cls in pack.NODE_CLASS_MAPPINGS.values():
@@ -61,6 +61,8 @@ def test_node_mappings_and_tooltips(pack):
             for name, entry in spec.get(section, {}).items():
                 assert len(entry) == 2 and entry[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
         assert len(cls.RETURN_TYPES) == len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))
+        tips = getattr(cls, "OUTPUT_TOOLTIPS", ())
+        assert len(tips) == len(cls.RETURN_TYPES) and all(tips), f"{cls.__name__} outputs without tooltips"
 
 
 def test_model_choices_list_local_folders_and_known_repos(nodes, models_dir):
@@ -252,7 +254,7 @@ def test_importing_the_pack_loads_and_writes_nothing(tmp_path):
         f"spec = importlib.util.spec_from_file_location('p', r'{ROOT / '__init__.py'}', "
         f"submodule_search_locations=[r'{ROOT}'])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['p'] = m; spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 5, m.NODE_CLASS_MAPPINGS\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 6, m.NODE_CLASS_MAPPINGS\n"
         "ql = sys.modules['p.qwenvl_loader']\n"
         "assert ql.MANAGER.current is None and ql.MANAGER.load_count == 0\n"
         "assert not torch.cuda.is_initialized()\n"
