@@ -57,6 +57,10 @@ class RunRecord:
     cache_stats: dict[str, Any] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)  # the server backend's client-side figures
     tips: list[str] = field(default_factory=list)
+    # Structured output (engine/structured.py): the answer's format, and for json/tags what the constraint cost:
+    # {"constraint_ms_per_token", "constraint_s", "steps", "compile_s", "budget_steps"} (local) or the server field.
+    output_format: str = "text"
+    structured: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

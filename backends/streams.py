@@ -20,6 +20,7 @@ from typing import Any
 from ..core.api import GenerationRequest
 from ..core.errors import GenerationInterrupted
 from ..core.sampling import Sampling
+from ..engine.structured import TAGS_REGEX, OutputSpec, spec_of
 from ..perf_monitor import RunRecord
 from .api_key import redact
 from .errors import AnswerError, ServerError, clip
@@ -68,7 +69,24 @@ def chat_body(req: GenerationRequest, model: str, uploads: list[dict[str, Any]])
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}}
     body.update(sampling_fields(Sampling.from_request(req)))
+    body.update(structured_fields(spec_of(req)))
     return body
+
+
+def structured_fields(spec: OutputSpec) -> dict[str, Any]:
+    """The OpenAI body's form of the request's output format (engine/structured.py).
+
+    ``json``: the standard ``response_format`` of type ``json_schema`` (strict), which vLLM, SGLang and
+    llama.cpp's llama-server take. ``tags``: vLLM's documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32);
+    servers that do not know the field ignore it, and the answer is then checked against the grammar afterwards
+    (``check_structured_answer``).
+    """
+    if spec.output_format == "json":
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": spec.schema, "strict": True}}}
+    if spec.output_format == "tags":
+        return {"structured_outputs": {"regex": TAGS_REGEX}}
+    return {}
 
 
 def _count(value: Any) -> int:
