@@ -116,15 +116,16 @@ def parse_output_spec(output_format: str, json_schema: str | dict[str, Any] | No
         grammar = spec.grammar()
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
         if is_error:
-            raise QwenVLError(f"json_schema cannot be used for constrained decoding: {_first(messages)}. "
-                              "Simplify that part of the schema.")
+            raise QwenVLError(f"json_schema cannot be used for constrained decoding: {_first(messages)} - "
+                              "simplify that part of the schema.")
         if messages:  # features the library ignores (e.g. a 'format' it does not know): said once, not fatal
             log.warning("[QwenVL-Fast] json_schema: %s", "; ".join(messages)[:300])
     return spec
 
 
 def _first(messages: list[str]) -> str:
-    return (messages[0] if messages else "unknown error").strip().splitlines()[0][:300]
+    # llguidance's messages span lines (the regex, a caret under it, the reason): one line, spaces collapsed
+    return " ".join((messages[0] if messages else "unknown error").split())[:300]
 
 
 def _parse_schema(json_schema: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -323,7 +324,7 @@ class GrammarConstraint:
         words = (compiled.vocab_size + 31) // 32
         self.bitmask = torch.zeros((rows, words), dtype=torch.int32)
         self.shifts = torch.arange(32, dtype=torch.int32)
-        self.forced: list[list[int]] = [[] for _ in range(rows)]
+        self.fill_mask = _mask_filler()  # imported here, not on the first token: its import is not a token's cost
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -341,13 +342,12 @@ class GrammarConstraint:
                                       f"{self.matchers[r].get_error() or 'a token the grammar refused'}")
         left = self.max_new - self.step  # tokens still to come, this one included
         self.step += 1
-        llg_torch = _mask_filler()
         allowed = torch.ones(scores.shape, dtype=torch.bool)
         width = scores.shape[-1]
         for r in range(rows):
             if self.done[r]:
                 continue
-            llg_torch(self.matchers[r], self.bitmask, r)
+            self.fill_mask(self.matchers[r], self.bitmask, r)
             row = self._unpack(r, width)
             choice = self._within_budget(r, row, scores[r], left)
             if choice is not None:
