@@ -69,7 +69,11 @@ def chat_body(req: GenerationRequest, model: str, uploads: list[dict[str, Any]])
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}}
     body.update(sampling_fields(Sampling.from_request(req)))
-    body.update(structured_fields(spec_of(req)))
+    spec = spec_of(req)
+    if spec.constrained:  # the grammar decides where the answer ends: a forced length would fight it
+        body.pop("min_tokens", None)
+        body.pop("ignore_eos", None)
+    body.update(structured_fields(spec))
     return body
 
 
@@ -77,13 +81,18 @@ def structured_fields(spec: OutputSpec) -> dict[str, Any]:
     """The OpenAI body's form of the request's output format (engine/structured.py).
 
     ``json``: the standard ``response_format`` of type ``json_schema`` (strict), which vLLM, SGLang and
-    llama.cpp's llama-server take. ``tags``: vLLM's documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32);
+    llama.cpp's llama-server take, plus vLLM's ``structured_outputs`` asking for compact JSON. ``tags``: vLLM's documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32);
     servers that do not know the field ignore it, and the answer is then checked against the grammar afterwards
     (``check_structured_answer``).
     """
     if spec.output_format == "json":
+        # vLLM's default JSON grammar allows any whitespace between tokens, and random or weak weights then write
+        # whitespace until max_tokens (checked with vLLM 0.32): its own field asks for compact JSON, and
+        # repeats the schema because a structured_outputs field must name one constraint (vLLM then applies
+        # response_format's schema over it: the same). Servers that do not know the field ignore it.
         return {"response_format": {"type": "json_schema", "json_schema": {
-            "name": "answer", "schema": spec.schema, "strict": True}}}
+                    "name": "answer", "schema": spec.schema, "strict": True}},
+                "structured_outputs": {"json": spec.schema, "disable_any_whitespace": True}}
     if spec.output_format == "tags":
         return {"structured_outputs": {"regex": TAGS_REGEX}}
     return {}
