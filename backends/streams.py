@@ -81,9 +81,9 @@ def structured_fields(spec: OutputSpec) -> dict[str, Any]:
     """The OpenAI body's form of the request's output format (engine/structured.py).
 
     ``json``: the standard ``response_format`` of type ``json_schema`` (strict), which vLLM, SGLang and
-    llama.cpp's llama-server take, plus vLLM's ``structured_outputs`` asking for compact JSON. ``tags``: vLLM's documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32);
-    servers that do not know the field ignore it, and the answer is then checked against the grammar afterwards
-    (``check_structured_answer``).
+    llama.cpp's llama-server take, plus vLLM's ``structured_outputs`` asking for compact JSON. ``tags``: vLLM's
+    documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32). Servers that do not know a field ignore it,
+    and every answer is checked against the format on arrival (``engine.structured.check_answer``).
     """
     if spec.output_format == "json":
         # vLLM's default JSON grammar allows any whitespace between tokens, and random or weak weights then write

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+
 from conftest import TINY_FAMILIES, load_tiny
 
 pytest.importorskip("llguidance")
