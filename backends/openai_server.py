@@ -44,7 +44,7 @@ from .. import quality_presets as qp
 from ..core.api import BATCH_MODES, UPLOAD_FORMATS, GenerationRequest, GenerationResult, LoadOptions
 from ..core.errors import QwenVLError
 from ..engine.prompting import split_thinking
-from ..engine.structured import check_answer, spec_of
+from ..engine.structured import check_answer, normalize_json, spec_of
 from ..perf_monitor import RunMonitor, RunRecord
 from .errors import AnswerError, ServerError, clip
 from .faults import Faults
@@ -153,6 +153,8 @@ class ServerModel:
                         raise QwenVLError(f"The server's answer {i + 1} is not valid {spec.output_format}: {bad}. "
                                           "Check that the server supports structured output (vLLM, llama-server).")
                     errors[i], answer, thinking = bad, "", ""
+                elif spec.output_format == "json":
+                    answer = normalize_json(answer)
             texts.append(answer)
             thoughts.append(thinking)
         self._record(mon, streams, uploads, errors)

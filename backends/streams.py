@@ -81,18 +81,16 @@ def structured_fields(spec: OutputSpec) -> dict[str, Any]:
     """The OpenAI body's form of the request's output format (engine/structured.py).
 
     ``json``: the standard ``response_format`` of type ``json_schema`` (strict), which vLLM, SGLang and
-    llama.cpp's llama-server take, plus vLLM's ``structured_outputs`` asking for compact JSON. ``tags``: vLLM's
+    llama.cpp's llama-server take. ``tags``: vLLM's
     documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32). Servers that do not know a field ignore it,
     and every answer is checked against the format on arrival (``engine.structured.check_answer``).
     """
     if spec.output_format == "json":
-        # vLLM's default JSON grammar allows any whitespace between tokens, and random or weak weights then write
-        # whitespace until max_tokens (checked with vLLM 0.32): its own field asks for compact JSON, and
-        # repeats the schema because a structured_outputs field must name one constraint (vLLM then applies
-        # response_format's schema over it: the same). Servers that do not know the field ignore it.
+        # Whitespace is the server's setting: vLLM 0.32 ignores a request's own disable_any_whitespace (only
+        # --structured-outputs-config sets it), and its default grammar lets weak or random weights write
+        # whitespace until max_tokens; README "Structured output" gives the server flag.
         return {"response_format": {"type": "json_schema", "json_schema": {
-                    "name": "answer", "schema": spec.schema, "strict": True}},
-                "structured_outputs": {"json": spec.schema, "disable_any_whitespace": True}}
+            "name": "answer", "schema": spec.schema, "strict": True}}}
     if spec.output_format == "tags":
         return {"structured_outputs": {"regex": TAGS_REGEX}}
     return {}

@@ -172,7 +172,7 @@ def check_answer(spec: OutputSpec, text: str) -> str | None:
     if spec.output_format != "json":
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, strict=False)  # raw control characters in strings: see normalize_json
     except json.JSONDecodeError as exc:
         return f"the answer is not JSON ({exc.msg} at character {exc.pos}; raise max_new_tokens if it was cut)"
     try:
@@ -182,6 +182,13 @@ def check_answer(spec: OutputSpec, text: str) -> str | None:
     error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(spec.schema)(spec.schema)
                                              .iter_errors(value))
     return None if error is None else f"the answer does not match json_schema: {error.message[:200]}"
+
+
+def normalize_json(text: str) -> str:
+    """A server's JSON answer as compact, strictly valid JSON: xgrammar (vLLM's default) lets raw control characters
+    (U+0000-U+001F) into strings, which strict parsers (Python's ``json.loads``) refuse; they come back escaped,
+    the values unchanged. Call after ``check_answer`` accepted ``text``."""
+    return json.dumps(json.loads(text, strict=False), ensure_ascii=False, separators=(",", ":"))
 
 
 def tags_match(text: str) -> bool:
