@@ -211,3 +211,37 @@ def test_json_field_without_json_format_is_refused(models_dir, tmp_path):
     with pytest.raises(ql.QwenVLError, match="json_field 'caption' needs output_format json"):
         caption_folder(ql.LoadOptions(model=str(models_dir / "tiny-qwen3-vl")), tmp_path,
                        _request([], output_format="tags"), caption=CaptionOptions(json_field="caption"))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["static-cache", "compiled-eager-backend"])
+def test_compiled_decode_path_keeps_the_constraint(models_dir, compiled):
+    """What CUDA's compiled decode does (static cache; torch.compile with Dynamo's eager backend on the CPU): the
+    grammar's mask is applied outside the compiled step, so the constrained tokens are the eager ones, one prompt
+    and batched rows alike."""
+    from transformers import CompileConfig
+
+    from qwenvl_fast.engine import decode_compile as dc
+
+    model = load_tiny(models_dir, "tiny-qwen2.5-vl", dtype="fp32")
+    one, rows = _images(1, seed=5), _images(2, seed=6)
+    refs = [model.run(_request(one, enable_image_cache=False)),
+            model.run(_request(rows, enable_image_cache=False, batch_mode=ql.BATCH_MODES[1]))]
+    config = None
+    if compiled:
+        config = CompileConfig(backend="eager", mode=None)
+        config._compile_all_devices = True  # transformers' own switch to compile on the CPU
+        torch._dynamo.reset()
+    model.decode_compile.release()
+    model.decode_compile = dc.DecodeCompile(model.model, "auto", model.device, force_static=True,
+                                            compile_config=config, context_length=model.context_length)
+    try:
+        got = [model.run(_request(one, enable_image_cache=False)),
+               model.run(_request(rows, enable_image_cache=False, batch_mode=ql.BATCH_MODES[1]))]
+    finally:
+        model.decode_compile.release()
+        torch._dynamo.reset()
+    for ref, result in zip(refs, got):
+        assert result.token_ids == ref.token_ids
+        assert result.record.decode_compile == ("on" if compiled else "off (static cache without compile)")
+        for text in result.texts:
+            _valid(text)
