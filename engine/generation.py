@@ -68,10 +68,12 @@ def _record_constraint(rec: Any, stats: ConstraintStats) -> None:
     """Add one generate call's constraint costs to the run record (summed over calls)."""
     s = rec.structured
     s["constraint_s"] = round(s.get("constraint_s", 0.0) + stats.seconds, 6)
+    s["constraint_cpu_s"] = round(s.get("constraint_cpu_s", 0.0) + stats.cpu_seconds, 6)
     s["steps"] = s.get("steps", 0) + stats.steps
     s["compile_s"] = round(s.get("compile_s", 0.0) + stats.compile_s, 6)
     s["budget_steps"] = s.get("budget_steps", 0) + stats.budget_steps
     s["constraint_ms_per_token"] = round(1000 * s["constraint_s"] / max(s["steps"], 1), 4)
+    s["constraint_cpu_ms_per_token"] = round(1000 * s["constraint_cpu_s"] / max(s["steps"], 1), 4)
 
 
 @dataclass
