@@ -245,3 +245,41 @@ def test_compiled_decode_path_keeps_the_constraint(models_dir, compiled):
         assert result.record.decode_compile == ("on" if compiled else "off (static cache without compile)")
         for text in result.texts:
             _valid(text)
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "cli.py"), *args], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ))
+
+
+def test_cli_output_format_and_schema_file(models_dir, tmp_path):
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(SCHEMA_TEXT)
+    done = _cli("--model", str(models_dir / "tiny-qwen3-vl"), "--quality", "fast", "--max-new-tokens", "80",
+                "--output-format", "json", "--json-schema", f"@{schema_file}", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    _valid(out["texts"][0])
+    assert out["timing"]["output_format"] == "json"
+    bad = _cli("caption-folder", str(tmp_path), "--model", str(models_dir / "tiny-qwen3-vl"),
+               "--output-format", "json", "--json-schema", '{"type": 3}')
+    assert bad.returncode == 2 and "json_schema is not a valid JSON Schema" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_cli_caption_folder_json_field(models_dir, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (48, 40), (200, 10, 10)).save(tmp_path / "red.png")
+    done = _cli("caption-folder", str(tmp_path), "--model", str(models_dir / "tiny-qwen2-vl"), "--quality", "fast",
+                "--max-new-tokens", "80", "--output-format", "json", "--json-schema", SCHEMA_TEXT,
+                "--json-field", "mood", "--jsonl")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "red.txt").read_text() in SCHEMA["properties"]["mood"]["enum"]
+    row = json.loads((tmp_path / METADATA_NAME).read_text())
+    jsonschema.validate(row["json"], SCHEMA)
