@@ -283,3 +283,19 @@ def test_cli_caption_folder_json_field(models_dir, tmp_path):
     assert (tmp_path / "red.txt").read_text() in SCHEMA["properties"]["mood"]["enum"]
     row = json.loads((tmp_path / METADATA_NAME).read_text())
     jsonschema.validate(row["json"], SCHEMA)
+
+
+def test_node_inputs_are_optional_and_last():
+    """Widget values are saved by position: the new inputs go after every existing one, with text's defaults."""
+    from qwenvl_fast import nodes
+
+    for cls, tail in [(nodes.QwenVLFastRun, ["output_format", "json_schema"]),
+                      (nodes.QwenVLFastGenerate, ["output_format", "json_schema"]),
+                      (nodes.QwenVLFastCaptionFolder, ["output_format", "json_schema", "json_field"])]:
+        types = cls.INPUT_TYPES()
+        assert list(types["optional"])[-len(tail):] == tail
+        assert not set(tail) & set(types["required"])
+        assert types["optional"]["output_format"][0] == ["text", "json", "tags"]
+        assert types["optional"]["output_format"][1]["default"] == "text"
+        assert types["optional"]["json_schema"][1] == {**types["optional"]["json_schema"][1], "multiline": True,
+                                                        "default": ""}
