@@ -89,6 +89,9 @@ class RunRecord:
         speed = f", {self.decode_tokens_per_s:.1f} tok/s" if self.decode_tokens_per_s else ""
         if self.decode_compile == "on":
             speed += ", compiled decode"
+        if self.output_format != "text":
+            cost = self.structured.get("constraint_ms_per_token")
+            speed += f", {self.output_format}" + (f" (constraint {cost:.2f} ms/token)" if cost is not None else "")
         return (
             f"[QwenVL-Fast] {self.model} ({self.family}, {self.device} {self.dtype}) total {self.total_s:.2f}s: "
             + ", ".join(parts) + img + f" | {self.new_tokens} new tokens{speed}"

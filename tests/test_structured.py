@@ -299,3 +299,20 @@ def test_node_inputs_are_optional_and_last():
         assert types["optional"]["output_format"][1]["default"] == "text"
         assert types["optional"]["json_schema"][1] == {**types["optional"]["json_schema"][1], "multiline": True,
                                                         "default": ""}
+
+
+def test_run_node_answers_json_per_image(models_dir, monkeypatch):
+    """The Run node (outside a server): inputs as ComfyUI passes them, one answer per image, the timing JSON."""
+    monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(models_dir))
+    from qwenvl_fast import nodes
+
+    out = nodes.QwenVLFastRun().run(
+        model="tiny-qwen3.5" if "tiny-qwen3.5" in TINY_FAMILIES else TINY_FAMILIES[0], quantization="none",
+        attention_mode="auto", prompt="Describe.", system_prompt="", image_quality="fast", enable_image_cache=True,
+        max_new_tokens=80, do_sample=False, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.0, seed=0,
+        batch_mode="one answer per image", keep_model_loaded=True, image=torch.rand(2, 40, 48, 3),
+        output_format="json", json_schema=SCHEMA_TEXT)
+    texts, _, timing = out["result"]
+    assert len(texts) == 2 and all(_valid(t) for t in texts)
+    assert json.loads(timing)["output_format"] == "json"
+    assert json.loads(timing)["structured"]["constraint_ms_per_token"] > 0
