@@ -5,14 +5,14 @@
 
 The local backend constrains decoding with **llguidance** (``pip install llguidance``), through a transformers
 ``LogitsProcessor`` (:class:`GrammarConstraint`): before each token, every row of the batch gets its own matcher's
-mask of the tokens the grammar allows. Why llguidance rather than xgrammar (both measured here, Qwen's 151,643-
-token vocabulary, a 5-field schema, 2-core CPU): a mask takes 0.08 ms (xgrammar 0.02 ms) against ~0.6 ms to apply
-either mask to 151,936 logits and hundreds of ms per decode step of a 3B model, so speed does not decide; llguidance
-is one wheel with no Python dependencies (abi3 wheels for Windows, macOS and Linux), while xgrammar pulls
-``triton`` on Linux, ``pydantic`` and ``apache-tvm-ffi`` into ComfyUI's Python next to its torch; llguidance covers
-more of JSON Schema (it backs llama.cpp's and vLLM's "guidance" modes) and takes Lark grammars with regex
-intersection. Its own torch helper compiles with ``torch.compile`` on first use, so the mask is applied here with
-plain torch ops.
+mask of the tokens the grammar allows. Why llguidance rather than xgrammar (both measured here, Qwen's 151,669-
+token vocabulary, a 5-field schema, 2-core CPU): computing a mask takes 0.08 ms (xgrammar 0.02 ms), far below a
+decode step (about 130 ms for a 3B-vocabulary model on this CPU), so speed does not decide; llguidance is one wheel
+with no Python dependencies (abi3 wheels for Windows, macOS and Linux), while xgrammar pulls ``triton`` on Linux,
+``pydantic`` and ``apache-tvm-ffi`` into ComfyUI's Python next to its torch; llguidance covers more of JSON Schema
+(it backs llama.cpp's and vLLM's "guidance" modes) and takes Lark grammars with regex intersection. Its own torch
+helper compiles with ``torch.compile`` on first use (a C++ compiler on Windows), so the mask is applied here with
+numpy on the host (and one masked_fill on a GPU): about 1.5 ms per token in all (docs/benchmark-cpu-structured.md).
 
 The budget: a schema whose answer is cut by ``max_new_tokens`` does not parse. The constraint keeps, at every step,
 a way to close the answer within the tokens left: when the shortest closing path it finds (:func:`closing_path`,
@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -303,7 +303,6 @@ class ConstraintStats:
     steps: int = 0
     compile_s: float = 0.0
     budget_steps: int = 0  # steps on which the token budget narrowed the choice
-    notes: list[str] = field(default_factory=list)
 
 
 def _transformers_processor_base() -> type:
