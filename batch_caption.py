@@ -23,10 +23,12 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import qwenvl_loader as ql
 from .core.api import BATCH_MODES, GenerationRequest
 from .core.errors import QwenVLError
+from .engine.structured import spec_of
 from .vision.images import load_image_file
 from .vision.video import VIDEO_EXTENSIONS, load_video_file
 
@@ -60,6 +62,9 @@ class CaptionOptions:
     too, each caption beside its file. ``limit``: caption only the first N files that need work (0: all).
     ``write_jsonl``: also keep ``metadata.jsonl`` (Hugging Face imagefolder rows) in the folder root.
     ``write_captions``: write caption files at all (off: the captions are only returned).
+    ``json_field``: with ``output_format`` json, the caption written is this field of the answer's object (a
+    string as it is, any other value as compact JSON); empty: the whole JSON. metadata.jsonl's row then also
+    carries the whole object in its ``json`` column.
     """
 
     prefix: str = ""
@@ -70,6 +75,7 @@ class CaptionOptions:
     limit: int = 0
     write_jsonl: bool = False
     write_captions: bool = True
+    json_field: str = ""
 
     def __post_init__(self):
         if self.existing not in EXISTING_MODES:
@@ -85,6 +91,7 @@ class CaptionResult:
     path: Path
     caption: str
     status: str  # written / captioned / skipped / error: ...
+    data: Any = None  # output_format json: the answer's whole object (metadata.jsonl's "json" column)
 
 
 def list_images(folder: Path, include_videos: bool = False, recursive: bool = False) -> list[Path]:
@@ -514,6 +521,9 @@ def update_metadata(folder: Path, results: list[CaptionResult]) -> bool:
                 if rows[i].get("text") != r.caption:
                     rows[i]["text"] = r.caption
                     changed = True
+                if r.data is not None and rows[i].get("json") != r.data:
+                    rows[i]["json"] = r.data
+                    changed = True
                 dupes = {j for j, row in enumerate(rows) if j != i and row["file_name"] == name}
                 changed |= bool(dupes - drop)
                 drop |= dupes
@@ -521,7 +531,7 @@ def update_metadata(folder: Path, results: list[CaptionResult]) -> bool:
         elif not (r.status == "skipped" and r.caption.strip() and name not in index):
             continue
         index[name] = len(rows)
-        rows.append({"file_name": name, "text": r.caption})
+        rows.append({"file_name": name, "text": r.caption, **({"json": r.data} if r.data is not None else {})})
         changed = True
     if not changed:
         return False
@@ -623,6 +633,10 @@ def caption_folder(
             read_metadata(folder)  # a malformed file stops the run here, before any model work
         except QwenVLError as exc:
             raise QwenVLError(f"{exc}; nothing was captioned") from exc
+    spec = spec_of(request, need_grammar=options.backend != "server")  # a broken schema: before any file work
+    if caption.json_field and spec.output_format != "json":
+        raise QwenVLError(f"json_field '{caption.json_field}' needs output_format json (it is "
+                          f"{spec.output_format}): set output_format to json, or clear json_field.")
     need_text = "{caption}" in request.prompt
     needs_old = need_text or caption.existing in ("append", "prepend")
     results: list[CaptionResult] = []
@@ -678,7 +692,7 @@ def caption_folder(
                                                     batch_mode=BATCH_MODES[1], per_answer_errors=True)
                 result = ql.run_once(options, chunk_request, keep_model_loaded=True, manager=manager)
                 for i, (w, text) in enumerate(zip(ok, result.texts)):
-                    results.append(_finish(w, text, result.error_of(i), caption))
+                    results.append(_finish(w, text, result.error_of(i), caption, spec.output_format))
             done += len(chunk)
             if on_file is not None:
                 on_file(done, len(files))
@@ -694,7 +708,7 @@ def caption_folder(
                 clip_request = dataclasses.replace(request, prompt=w.prompt, images=[], videos=[clip],
                                                    batch_mode=BATCH_MODES[0], per_answer_errors=True)
                 result = ql.run_once(options, clip_request, keep_model_loaded=True, manager=manager)
-                results.append(_finish(w, result.text, result.error_of(0), caption))
+                results.append(_finish(w, result.text, result.error_of(0), caption, spec.output_format))
             done += 1
             if on_file is not None:
                 on_file(done, len(files))
@@ -715,20 +729,56 @@ def caption_folder(
     return results
 
 
-def _finish(work: _Work, text: str, error: str | None, caption: CaptionOptions) -> CaptionResult:
+def structured_caption(text: str, output_format: str, json_field: str = "") -> tuple[str, Any]:
+    """(caption, whole JSON object or None) of a structured answer; raises QwenVLError for that file.
+
+    ``json``: the JSON as the model wrote it (compact), or its ``json_field``. ``tags``: the tag list with repeated
+    tags dropped (first kept). Repeated-phrase cutting (``cut_repeats``) is not applied: it could break the JSON.
+    """
+    answer = ql.split_thinking(text)[0].strip()
+    if output_format == "tags":
+        seen: dict[str, None] = {}
+        for tag in answer.split(", "):
+            if tag:
+                seen.setdefault(tag, None)
+        return ", ".join(seen), None
+    if output_format != "json" or not answer:
+        return answer, None
+    try:
+        data = json.loads(answer)
+    except json.JSONDecodeError as exc:
+        raise QwenVLError(f"the answer is not JSON ({exc.msg}); nothing written") from exc
+    if not json_field:
+        return answer, data
+    if not isinstance(data, dict) or json_field not in data:
+        raise QwenVLError(f"the answer has no field '{json_field}' (make it required in json_schema); nothing "
+                          "written")
+    value = data[json_field]
+    return (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)).strip(), data
+
+
+def _finish(work: _Work, text: str, error: str | None, caption: CaptionOptions,
+            output_format: str = "text") -> CaptionResult:
     """One answer's result: written (or only captioned), or an error status that leaves the disk as it was."""
     path = work.path
     if error:
         log.warning("[QwenVL-Fast] no caption for %s: %s", path, error)
         return CaptionResult(path, "", f"error: the answer failed ({error}); nothing written")
-    answer = clean_caption(text)
+    data = None
+    if output_format == "text":
+        answer = clean_caption(text)
+    else:
+        try:
+            answer, data = structured_caption(text, output_format, caption.json_field)
+        except QwenVLError as exc:
+            return CaptionResult(path, "", f"error: {exc}")
     if not answer:
         # A 0-byte caption would look done: later runs would skip the file and a trainer would use no caption.
         log.warning("[QwenVL-Fast] %s: the model gave an empty answer; nothing written", path)
         return CaptionResult(path, "", EMPTY_ANSWER)
     final = compose_caption(answer, work.old, caption)
     if not caption.write_captions:
-        return CaptionResult(path, final, "captioned")
+        return CaptionResult(path, final, "captioned", data)
     ext = caption.extension
     txt = caption_path(path, ext)
     if work.stamp is not None and _stamp(txt) != work.stamp:
@@ -753,4 +803,4 @@ def _finish(work: _Work, text: str, error: str | None, caption: CaptionOptions) 
         log.warning("[QwenVL-Fast] cannot write %s: %s", txt, exc)
         # The caption is kept in the result: the node's output shows it, so the model's work is not lost.
         return CaptionResult(path, final, f"error: cannot write {txt.name} ({type(exc).__name__}: {reason})")
-    return CaptionResult(path, final, "written")
+    return CaptionResult(path, final, "written", data)

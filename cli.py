@@ -32,6 +32,8 @@ pack_path.import_pack()
 from qwenvl_fast import batch_caption as bc  # noqa: E402
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
+from qwenvl_fast.core.api import OUTPUT_FORMATS  # noqa: E402
+from qwenvl_fast.engine.structured import spec_of  # noqa: E402
 from qwenvl_fast.vision.images import load_image_file  # noqa: E402
 from qwenvl_fast.vision.video import load_video_file  # noqa: E402
 
@@ -83,7 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-vision", default="off", choices=ql.COMPILE_CHOICES)
     p.add_argument("--preprocess", default="fast", choices=ql.PREPROCESS_CHOICES)
     p.add_argument("--json", action="store_true", help="print the result and timing record as JSON")
+    _structured_arguments(p)
     return p
+
+
+def _structured_arguments(group, json_field: bool = False) -> None:
+    """--output-format, --json-schema (and for caption-folder --json-field): README "Structured output"."""
+    group.add_argument("--output-format", default="text", choices=OUTPUT_FORMATS,
+                       help="text; json (constrained to --json-schema); tags (a comma-separated tag list)")
+    group.add_argument("--json-schema", default="", type=_schema_text,
+                       help="a JSON Schema as text, or @FILE to read it (empty: any JSON object)")
+    if json_field:
+        group.add_argument("--json-field", default="",
+                           help="with --output-format json: write this field of the answer as the caption")
+
+
+def _schema_text(value: str) -> str:
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read the schema file {value[1:]!r}: {exc.strerror}") from exc
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         min_new_tokens=args.min_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
         batch_mode=ql.BATCH_MODES[1] if args.per_image else ql.BATCH_MODES[0], preprocess=args.preprocess,
+        output_format=args.output_format, json_schema=args.json_schema,
     )
     try:
         result = ql.run_once(options, request)
@@ -226,6 +250,7 @@ def build_caption_parser() -> argparse.ArgumentParser:
                      help="write no caption file: print each caption to stdout instead")
     out.add_argument("--json", action="store_true", help="print the results and the summary as one JSON object")
     out.add_argument("--verbose", action="store_true", help="the engine's timing line after every chunk, too")
+    _structured_arguments(p.add_argument_group("structured output"), json_field=True)
     return p
 
 
@@ -294,7 +319,8 @@ def caption_folder_main(argv: list[str]) -> int:
     try:
         caption = bc.CaptionOptions(prefix=args.prefix, suffix=args.suffix, existing=args.existing,
                                     extension=args.extension, recursive=args.recursive, limit=args.limit,
-                                    write_jsonl=args.jsonl, write_captions=not args.no_write)
+                                    write_jsonl=args.jsonl, write_captions=not args.no_write,
+                                    json_field=args.json_field)
     except ql.QwenVLError as exc:
         return usage(str(exc))
     options = ql.LoadOptions(
@@ -308,7 +334,12 @@ def caption_folder_main(argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_frames=args.max_frames,
-        enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, should_stop=stop)
+        enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, should_stop=stop,
+        output_format=args.output_format, json_schema=args.json_schema)
+    try:  # a broken schema, or json/tags without llguidance on the local backend: before the model loads
+        spec_of(request, need_grammar=args.backend != "server")
+    except ql.QwenVLError as exc:
+        return usage(str(exc))
     t0 = time.perf_counter()
     try:
         # Loaded (or connected to) first: a missing model or an unreachable server is a configuration error.

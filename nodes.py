@@ -21,6 +21,7 @@ from .batch_caption import summarize as summarize_captions
 from .comfyui_host import glue as comfy_glue
 from .core.api import BACKENDS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_VIDEO_FPS, UPLOAD_FORMATS, VideoClip
 from .embedding_cache import CACHE_DIR_ENV
+from .engine.structured import OUTPUT_FORMATS, TAGS_MAX_CHARS, TAGS_MAX_COUNT
 from .vision.video import as_clip
 
 log = logging.getLogger("QwenVL-Fast")
@@ -159,6 +160,24 @@ def _generation_inputs() -> dict[str, tuple]:
     }
 
 
+def _structured_inputs(json_field: bool = False) -> dict[str, tuple]:
+    """Structured output (engine/structured.py): optional and LAST in each node, so saved workflows load unchanged."""
+    inputs = {
+        "output_format": (OUTPUT_FORMATS, {"default": "text", **_tip(
+            "text: free text. json: decoding is constrained to JSON valid against json_schema. tags: a comma-"
+            f"separated list of at most {TAGS_MAX_COUNT} lowercase tags of at most {TAGS_MAX_CHARS} characters. "
+            "Local backend: pip install llguidance.")}),
+        "json_schema": ("STRING", {"multiline": True, "default": "", **_tip(
+            "A JSON Schema (enum, integer/number minimum/maximum, string maxLength, required... are honoured); "
+            "empty means any JSON object. Used with output_format json.")}),
+    }
+    if json_field:
+        inputs["json_field"] = ("STRING", {"default": "", **_tip(
+            "With output_format json: write this field of the answer (e.g. caption) as the caption; empty writes "
+            "the whole JSON. metadata.jsonl's 'json' column holds the whole object.")})
+    return inputs
+
+
 def _loader_inputs() -> dict[str, tuple]:
     choices = ql.model_choices()
     return {
@@ -244,6 +263,7 @@ class QwenVLFastRun(_AnswerNode):
                 **_server_inputs(),
                 **_decode_inputs(),
                 **_video_widgets(),
+                **_structured_inputs(),
             }),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -335,7 +355,7 @@ class QwenVLFastGenerate(_AnswerNode):
             "required": _advanced({"qwenvl_model": (MODEL_TYPE, _tip("From Qwen-VL Fast Load Model.")),
                                    **_generation_inputs()}),
             "optional": _advanced({"image": ("IMAGE", _tip("One image, or a batch: several images in one prompt.")),
-                                   **_video_links(), **_video_widgets()}),
+                                   **_video_links(), **_video_widgets(), **_structured_inputs()}),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -472,6 +492,7 @@ class QwenVLFastCaptionFolder:
                 "write_jsonl": ("BOOLEAN", {"default": False, **_tip(
                     "Also keep metadata.jsonl in the folder (Hugging Face datasets imagefolder: file_name, text); "
                     "rows of other files stay as they are.")}),
+                **_structured_inputs(json_field=True),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -534,7 +555,7 @@ _CAPTION_RUNS_KEPT = 64
 _NOT_SETTINGS = ("qwenvl_model", "unique_id")
 # The inputs that become CaptionOptions, with the values that give the node's behaviour before they existed.
 _CAPTION_OPTION_DEFAULTS = {"prefix": "", "suffix": "", "existing": "skip", "extension": ".txt", "recursive": False,
-                            "limit": 0, "write_jsonl": False}
+                            "limit": 0, "write_jsonl": False, "json_field": ""}
 _CAPTION_OPTION_INPUTS = tuple(_CAPTION_OPTION_DEFAULTS)
 
 
@@ -546,7 +567,8 @@ def _caption_options(settings: dict[str, Any]) -> CaptionOptions:
     return CaptionOptions(
         prefix=str(settings["prefix"]), suffix=str(settings["suffix"]), existing=existing,
         extension=settings["extension"], recursive=bool(settings["recursive"]), limit=int(settings["limit"]),
-        write_jsonl=bool(settings["write_jsonl"]), write_captions=bool(settings.get("write_txt", True)))
+        write_jsonl=bool(settings["write_jsonl"]), write_captions=bool(settings.get("write_txt", True)),
+        json_field=str(settings["json_field"]).strip())
 
 
 def _shown_name(file: Path, folder: Path) -> str:

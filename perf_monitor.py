@@ -60,6 +60,10 @@ class RunRecord:
     # What the engine changed or refused on its own (e.g. max_new_tokens cut to fit the context): shown on the node,
     # not only in the log.
     warnings: list[str] = field(default_factory=list)
+    # Structured output (engine/structured.py): the answer's format, and for json/tags what the constraint cost:
+    # {"constraint_ms_per_token", "constraint_s", "steps", "compile_s", "budget_steps"} (local) or the server field.
+    output_format: str = "text"
+    structured: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +118,9 @@ class RunRecord:
         speed = f", {self.decode_tokens_per_s:.1f} tok/s" if self.decode_tokens_per_s else ""
         if self.decode_compile == "on":
             speed += ", compiled decode"
+        if self.output_format != "text":
+            cost = self.structured.get("constraint_ms_per_token")
+            speed += f", {self.output_format}" + (f" (constraint {cost:.2f} ms/token)" if cost is not None else "")
         return (
             f"[QwenVL-Fast] {self.model} ({self.family}, {self.device} {self.dtype}) total {self.total_s:.2f}s: "
             + ", ".join(parts) + img + f" | {self.new_tokens} new tokens{speed}"

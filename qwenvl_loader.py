@@ -52,6 +52,7 @@ from .engine.runtime_choice import (
     resolve_device,
     resolve_dtype,
 )
+from .engine.structured import spec_of
 from .perf_monitor import TIPS, RunMonitor, report
 from .sources import synthetic
 from .sources.download import download_model
@@ -213,6 +214,8 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
              manager: ModelManager | None = None) -> GenerationResult:
     """Load (or reuse) a model, run one request, report timings and tips; release if asked."""
     manager = manager or MANAGER
+    # A broken json_schema (or a missing llguidance for the local backend) fails here, before any model work.
+    spec_of(request, need_grammar=options.backend != "server")
     t0 = time.perf_counter()
     model, loaded_now = manager.get(options, should_stop=request.should_stop)
     load_s = time.perf_counter() - t0

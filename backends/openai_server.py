@@ -44,12 +44,13 @@ from .. import quality_presets as qp
 from ..core.api import BATCH_MODES, UPLOAD_FORMATS, GenerationRequest, GenerationResult, LoadOptions
 from ..core.errors import QwenVLError
 from ..engine.prompting import split_thinking
+from ..engine.structured import check_answer, normalize_json, spec_of
 from ..perf_monitor import RunMonitor, RunRecord
 from .errors import AnswerError, ServerError, clip
 from .faults import Faults
 from .http_transport import Endpoint
 from .served_models import ModelList, choose_model, patch_geometry
-from .streams import Stream, StreamRunner, chat_body
+from .streams import Stream, StreamRunner, chat_body, structured_fields
 from .uploads import Uploads
 
 __all__ = ["AnswerError", "Endpoint", "ServerError", "ServerModel"]
@@ -136,9 +137,24 @@ class ServerModel:
         streams = [Stream(i, chat_body(req, self.served_model, g), max_new_tokens=int(req.max_new_tokens))
                    for i, g in enumerate(groups)]
         errors = self.streams.run_all(streams, req, rec)
+        spec = spec_of(req)
+        rec.output_format = spec.output_format
+        if spec.constrained:
+            rec.structured = {"server_field": next(iter(structured_fields(spec)))}
         texts, thoughts = [], []
-        for s, error in zip(streams, errors):
+        for i, (s, error) in enumerate(zip(streams, errors)):
             answer, thinking = split_thinking(s.text) if error is None else ("", "")
+            if error is None and spec.constrained:
+                # The server constrains; what it sent is checked (a server that ignored the field, a cut answer).
+                answer = answer.strip()
+                bad = check_answer(spec, answer)
+                if bad is not None:
+                    if not req.per_answer_errors:
+                        raise QwenVLError(f"The server's answer {i + 1} is not valid {spec.output_format}: {bad}. "
+                                          "Check that the server supports structured output (vLLM, llama-server).")
+                    errors[i], answer, thinking = bad, "", ""
+                elif spec.output_format == "json":
+                    answer = normalize_json(answer)
             texts.append(answer)
             thoughts.append(thinking)
         self._record(mon, streams, uploads, errors)

@@ -20,6 +20,7 @@ from typing import Any
 from ..core.api import GenerationRequest
 from ..core.errors import GenerationInterrupted
 from ..core.sampling import Sampling
+from ..engine.structured import TAGS_REGEX, OutputSpec, spec_of
 from ..perf_monitor import RunRecord
 from .api_key import redact
 from .errors import AnswerError, ServerError, clip
@@ -68,7 +69,31 @@ def chat_body(req: GenerationRequest, model: str, uploads: list[dict[str, Any]])
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}}
     body.update(sampling_fields(Sampling.from_request(req)))
+    spec = spec_of(req)
+    if spec.constrained:  # the grammar decides where the answer ends: a forced length would fight it
+        body.pop("min_tokens", None)
+        body.pop("ignore_eos", None)
+    body.update(structured_fields(spec))
     return body
+
+
+def structured_fields(spec: OutputSpec) -> dict[str, Any]:
+    """The OpenAI body's form of the request's output format (engine/structured.py).
+
+    ``json``: the standard ``response_format`` of type ``json_schema`` (strict), which vLLM, SGLang and
+    llama.cpp's llama-server take. ``tags``: vLLM's
+    documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32). Servers that do not know a field ignore it,
+    and every answer is checked against the format on arrival (``engine.structured.check_answer``).
+    """
+    if spec.output_format == "json":
+        # Whitespace is the server's setting: vLLM 0.32 ignores a request's own disable_any_whitespace (only
+        # --structured-outputs-config sets it), and its default grammar lets weak or random weights write
+        # whitespace until max_tokens; README "Structured output" gives the server flag.
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": spec.schema, "strict": True}}}
+    if spec.output_format == "tags":
+        return {"structured_outputs": {"regex": TAGS_REGEX}}
+    return {}
 
 
 def _count(value: Any) -> int:

@@ -27,6 +27,9 @@ UPLOAD_FORMATS = ["png", "jpeg"]
 DEFAULT_MAX_IN_FLIGHT = 8
 DEFAULT_MAX_FRAMES = 16
 DEFAULT_VIDEO_FPS = 24.0
+# What an answer is (engine/structured.py): free text, JSON valid against ``json_schema`` (empty: any JSON object),
+# or a comma-separated tag list; json and tags constrain decoding (local) or ask the server's structured output.
+OUTPUT_FORMATS = ["text", "json", "tags"]
 
 # "one answer per image": the answers are generated together, in batches of at most this many tokens (rows x
 # (longest prompt + max_new_tokens), what the KV cache holds at the end). 16k tokens of KV cache are ~0.6 GiB
@@ -96,6 +99,10 @@ class GenerationRequest:
     # ``GenerationResult.errors`` at its index instead of failing the whole request. Cancel and faults that hit
     # every answer (server down, refused key) still raise.
     per_answer_errors: bool = False
+    # Structured output (engine/structured.py): "text", "json" (valid against json_schema, a JSON Schema as text;
+    # empty means any JSON object) or "tags".
+    output_format: str = "text"
+    json_schema: str = ""
 
     @classmethod
     def from_inputs(cls, inputs: Mapping[str, Any], **overrides: Any) -> GenerationRequest:

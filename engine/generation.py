@@ -34,6 +34,7 @@ from .decode_compile import DecodeCompile
 from .interrupt import StopFlag
 from .prefix_reuse import PrefixReuse
 from .prompting import PromptBuilder
+from .structured import ConstraintStats, OutputSpec, make_constraint
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -61,6 +62,18 @@ def cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
         if token in eos:
             return ids[:k + 1]
     return ids
+
+
+def _record_constraint(rec: Any, stats: ConstraintStats) -> None:
+    """Add one generate call's constraint costs to the run record (summed over calls)."""
+    s = rec.structured
+    s["constraint_s"] = round(s.get("constraint_s", 0.0) + stats.seconds, 6)
+    s["constraint_cpu_s"] = round(s.get("constraint_cpu_s", 0.0) + stats.cpu_seconds, 6)
+    s["steps"] = s.get("steps", 0) + stats.steps
+    s["compile_s"] = round(s.get("compile_s", 0.0) + stats.compile_s, 6)
+    s["budget_steps"] = s.get("budget_steps", 0) + stats.budget_steps
+    s["constraint_ms_per_token"] = round(1000 * s["constraint_s"] / max(s["steps"], 1), 4)
+    s["constraint_cpu_ms_per_token"] = round(1000 * s["constraint_cpu_s"] / max(s["steps"], 1), 4)
 
 
 @dataclass
@@ -167,6 +180,8 @@ class Generator:
         self.prefix = prefix
         self.handoff = handoff
         self.cache_kwarg = "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+        # The current run's structured-output spec (QwenVLModel._run sets it under the model's lock).
+        self.output_spec = OutputSpec()
 
     def close(self) -> None:
         self.net = None
@@ -228,6 +243,7 @@ class Generator:
         timer = TokenTimer(on_token=on_token)
         # A static cache (compiled decode); a reused prefix's DynamicCache is copied into it (decode_compile.py)
         self.decode_compile.prepare(gen_kwargs, rows, width, max_new, self.cache_kwarg)
+        stats = self._constrain(gen_kwargs, rows, max_new) if self.output_spec.constrained else None
         pad_id = self.tokenizer.pad_token_id
         try:
             with torch.inference_mode():
@@ -240,6 +256,8 @@ class Generator:
             if restore is not None:
                 restore()
             rec.decode_compile = self.decode_compile.last_status  # after: a compile that failed says so
+            if stats is not None:
+                _record_constraint(rec, stats)
         cache = None
         if not isinstance(output, torch.Tensor):
             cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
@@ -255,6 +273,21 @@ class Generator:
             rec.interrupted = True
             raise GenerationInterrupted("Generation was interrupted.")
         return Generated(ids, cache)
+
+    def _constrain(self, gen_kwargs: dict[str, Any], rows: int, max_new: int) -> ConstraintStats:
+        """Put the grammar's logits processor (one matcher per row) into ``gen_kwargs``; its costs go in the stats."""
+        from transformers import LogitsProcessorList
+
+        if gen_kwargs.get("min_new_tokens"):
+            # min_new_tokens bans EOS where the grammar may allow only EOS: every token would be banned.
+            log.info("[QwenVL-Fast] min_new_tokens is ignored with output_format %s (the grammar decides the end)",
+                     self.output_spec.output_format)
+            gen_kwargs["min_new_tokens"] = 0
+        stats = ConstraintStats()
+        vocab = int(self.net.get_output_embeddings().weight.shape[0])
+        processor = make_constraint(self.tokenizer, vocab, self.eos_ids(), self.output_spec, rows, max_new, stats)
+        gen_kwargs["logits_processor"] = LogitsProcessorList([processor])
+        return stats
 
     # -- one prompt -----------------------------------------------------------------------------
     def one(self, req: GenerationRequest, inputs: dict[str, torch.Tensor], group: list[PreparedImage],

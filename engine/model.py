@@ -36,6 +36,7 @@ from .memory import expected_decode_tokens_per_s, free_after_oom, free_weights, 
 from .prefix_cache import PrefixCache, prefix_cache_bytes
 from .prefix_reuse import PrefixReuse, reuse_off_reason
 from .prompting import PromptBuilder, split_thinking
+from .structured import spec_of
 from .vision_encode import VisionEncoder, image_spec_for
 
 log = logging.getLogger("QwenVL-Fast")
@@ -167,8 +168,11 @@ class QwenVLModel:
     def _run(self, req: GenerationRequest) -> GenerationResult:
         if req.batch_mode not in BATCH_MODES:
             raise QwenVLError(f"Unknown batch_mode '{req.batch_mode}': choose one of {BATCH_MODES}.")
+        spec = spec_of(req, need_grammar=True)  # a broken schema fails before any image work
         mon = self._new_monitor(req)
         rec = mon.record
+        rec.output_format = spec.output_format
+        self.generation.output_spec = spec
         cache = get_cache(req.disk_cache) if req.enable_image_cache else None
         try:
             if req.videos and req.batch_mode == BATCH_MODES[1] and len(req.images) > 1:

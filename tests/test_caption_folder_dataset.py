@@ -98,9 +98,10 @@ def test_new_inputs_are_optional_last_and_default_to_the_earlier_behaviour():
 
     types = nodes.QwenVLFastCaptionFolder.INPUT_TYPES()
     optional = list(types["optional"])
-    assert optional[-7:] == ["prefix", "suffix", "existing", "extension", "recursive", "limit", "write_jsonl"]
-    assert optional[:2] == ["include_videos", "max_frames"]  # where saved workflows have them
-    defaults = {k: types["optional"][k][1]["default"] for k in optional[-7:]}
+    # where saved workflows have them; structured output's inputs come after (tests/test_structured.py)
+    assert optional[2:9] == ["prefix", "suffix", "existing", "extension", "recursive", "limit", "write_jsonl"]
+    assert optional[:2] == ["include_videos", "max_frames"]
+    defaults = {k: types["optional"][k][1]["default"] for k in optional[2:9]}
     assert defaults == {"prefix": "", "suffix": "", "existing": "skip", "extension": ".txt", "recursive": False,
                         "limit": 0, "write_jsonl": False}
     assert types["optional"]["existing"][0] == bc.EXISTING_MODES == ["skip", "overwrite", "append", "prepend"]

@@ -247,6 +247,18 @@ def test_load_image_to_run_gives_text_in_history(comfy_server, run_info, tiny_ch
     assert timing["new_tokens"] >= 1
 
 
+def test_run_with_output_format_json_answers_valid_json(comfy_server, run_info, tiny_choice):
+    """Structured output through a real ComfyUI (engine/structured.py): random weights, so only the constraint
+    makes the text JSON; the timing record names the format."""
+    schema = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}, "n": {
+        "type": "integer", "minimum": 1, "maximum": 3}}, "required": ["mood", "n"], "additionalProperties": False}
+    entry = _run(comfy_server, run_info, _image(comfy_server, 31), **_fast(
+        tiny_choice, max_new_tokens=40, output_format="json", json_schema=json.dumps(schema)))
+    value = json.loads(node_ui(entry, "2")["text"][0])
+    assert value["mood"] in ("happy", "sad") and 1 <= value["n"] <= 3 and set(value) == {"mood", "n"}
+    assert _timing(entry)["output_format"] == "json"
+
+
 def test_changed_prompt_reuses_image_embedding(comfy_server, run_info, tiny_choice):
     image = _image(comfy_server, 2)
     first = _timing(_run(comfy_server, run_info, image, **_fast(tiny_choice, prompt="What is in the picture?")))

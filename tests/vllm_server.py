@@ -45,6 +45,7 @@ DEFAULT_SERVED_NAME = "tiny-qwen2.5-vl"
 # --enforce-eager: no torch.compile warm-up; the server answers /health after about 36 s on 2 cores
 # instead of about 80 s (59 s with a warm compile cache), and a tiny model gains nothing from compiling.
 DEFAULT_ARGS = ["--max-model-len", "4096", "--dtype", "bfloat16", "--enforce-eager"]
+STRUCTURED_OUTPUTS_ARGS = ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
 
 
 def vllm_venv() -> Path:
@@ -289,7 +290,10 @@ def session_server(tmp_path_factory: pytest.TempPathFactory) -> VllmServer:
 
     base = tmp_path_factory.mktemp("vllm")
     model_dir = synthetic.save_synthetic(VLLM_PRESET, base / "tiny-qwen2.5-vl-h64")
-    server = VllmServer(model_dir, served_name=DEFAULT_SERVED_NAME, log_path=base / "vllm-server.log")
+    # Compact JSON for structured output (tests/test_structured_server.py): vLLM 0.32 takes it only as a server
+    # setting, and only with an explicit xgrammar or guidance backend.
+    server = VllmServer(model_dir, served_name=DEFAULT_SERVED_NAME, log_path=base / "vllm-server.log",
+                        extra_args=STRUCTURED_OUTPUTS_ARGS)
     try:
         server.start(timeout=float(os.environ.get("QWENVL_FAST_VLLM_START_TIMEOUT", "300")))
     except Exception as exc:
