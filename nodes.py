@@ -182,7 +182,8 @@ def _loader_inputs() -> dict[str, tuple]:
     choices = ql.model_choices()
     return {
         "model": (choices, {"default": choices[0] if choices else "", **_tip(
-            "A folder under models/LLM, or a Qwen repo (downloaded once into models/LLM/<name>).")}),
+            "A folder under models/LLM, a <folder>/<file>.gguf there (with its mmproj*.gguf beside it; runs through "
+            "llama-server), or a Qwen repo (downloaded once into models/LLM/<name>).")}),
         "quantization": (ql.QUANTIZATION_CHOICES, {"default": "none", **_tip(
             "8-bit or 4-bit through bitsandbytes (CUDA only) to save VRAM; slower than bf16 when the model fits.")}),
         "attention_mode": (ql.ATTENTION_CHOICES, {"default": "auto", **_tip(
