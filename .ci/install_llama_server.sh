@@ -23,6 +23,10 @@ if [ ! -f "$WORK/.complete-$VERSION" ]; then
     fi
     NINJA_DIR="$("$PY" -c 'import ninja, os; print(ninja.BIN_DIR)' 2>/dev/null || true)"
     [ -n "$NINJA_DIR" ] && export PATH="$NINJA_DIR:$PATH"
+    if ! command -v cmake >/dev/null 2>&1; then  # PyPI's cmake wheel where the machine has none
+        "$PY" -m pip install -q "cmake>=3.21"
+        export PATH="$(dirname "$PY"):$PATH"
+    fi
     cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF \
         -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=ON >"$WORK/cmake.log" 2>&1 \
