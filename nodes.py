@@ -540,7 +540,8 @@ class QwenVLFastCaptionFolder:
         _remember_run(key, before, _fingerprint_or_none(path, settings), again)
         captions = [r.caption for r in results]
         files = [str(r.path) for r in results]
-        lines = [f"{_shown_name(r.path, path)}: {r.status}" for r in results]
+        lines = _bounded_lines([(f"{_shown_name(r.path, path)}: {r.status}", r.status.startswith("error"))
+                                for r in results])
         summary = summarize_captions(results)
         log.info("[QwenVL-Fast] Caption Folder %s: %s", path, summary)
         return {"ui": {"text": [summary] + (lines or ["no images found"]), "summary": [summary]},
@@ -570,6 +571,23 @@ def _caption_options(settings: dict[str, Any]) -> CaptionOptions:
         extension=settings["extension"], recursive=bool(settings["recursive"]), limit=int(settings["limit"]),
         write_jsonl=bool(settings["write_jsonl"]), write_captions=bool(settings.get("write_txt", True)),
         json_field=str(settings["json_field"]).strip())
+
+
+# Lines of Caption Folder's ui text kept (/history and the saved workflow hold them): a folder of 100,000 files
+# must not put 100,000 lines into every saved workflow. The outputs keep every file; the summary counts them all.
+SHOWN_LINES = 200
+
+
+def _bounded_lines(lines: list[tuple[str, bool]], limit: int = SHOWN_LINES) -> list[str]:
+    """At most ``limit`` of (line, is_error): errors first (what the user must act on), then the rest, and a count
+    of the others; in the folder's order when all fit."""
+    if len(lines) <= limit:
+        return [line for line, _ in lines]
+    errors = [line for line, bad in lines if bad]
+    others = [line for line, bad in lines if not bad]
+    kept = (errors + others)[:limit - 1]
+    more = len(lines) - len(kept)
+    return kept + [f"... and {more} more files (all of them are in the 'files' and 'captions' outputs)"]
 
 
 def _shown_name(file: Path, folder: Path) -> str:

@@ -125,3 +125,13 @@ def test_cache_info_orders_after_a_job_and_sums_up(nodes):
                                      "memory_bytes": 3 * 2**20, "disk_enabled": True, "disk_entries": 1,
                                      "disk_bytes": 2**19}) == (
         "4 hits (3 memory, 1 disk) · 2 misses · memory 4 entries, 3.0 MiB · disk 1 entries, 0.5 MiB")
+
+
+def test_caption_folder_ui_lines_are_bounded_with_errors_first(nodes):
+    lines = [(f"img{i}.png: written", False) for i in range(1000)] + [("bad.png: error: unreadable", True)]
+    shown = nodes._bounded_lines(lines, limit=50)
+    assert len(shown) == 50
+    assert shown[0] == "bad.png: error: unreadable"
+    assert shown[-1].startswith("... and 952 more files")
+    few = [("a.png: written", False), ("b.png: error: x", True)]
+    assert nodes._bounded_lines(few, limit=50) == ["a.png: written", "b.png: error: x"]
