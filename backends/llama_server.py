@@ -538,6 +538,7 @@ class LlamaServerModel(ServerModel):
             raise
         self.options = options  # the manager reuses this model while the same options are asked for
         self.patch_size, self.merge_size = patch, QWEN_MERGE_SIZE
+        self.llama_cpp = True  # whatever its /models says: its grammar field (streams.structured_fields)
         self.uploads = Uploads(self.upload_format, self.factor)  # sized by the projector's patch, not the name
         self.model_file, self.mmproj = model_file, mmproj
         self.dtype = torch.float16  # what ComfyUI's patcher shows; the weights live in llama-server

@@ -58,6 +58,12 @@ __all__ = ["AnswerError", "Endpoint", "ServerError", "ServerModel"]
 log = logging.getLogger("QwenVL-Fast")
 
 
+def is_llama_cpp(served: list[dict[str, Any]], model: str) -> bool:
+    """Whether ``model`` is served by llama.cpp's llama-server: its ``/models`` entries say ``owned_by: llamacpp``."""
+    entry = next((m for m in served if m["id"] == model), {})
+    return entry.get("owned_by") == "llamacpp"
+
+
 class ServerModel:
     """A model served elsewhere, used exactly like a local QwenVLModel by ``run_once``."""
 
@@ -83,6 +89,7 @@ class ServerModel:
         served = self.models.models(should_stop)
         self.served_model = choose_model(self.endpoint.url, served, options.server_model)
         self.patch_size, self.merge_size = patch_geometry(self.endpoint.url, served, self.served_model)
+        self.llama_cpp = is_llama_cpp(served, self.served_model)  # its own field for a grammar (streams.py)
         self.uploads = Uploads(self.upload_format, self.factor)
         self.streams = StreamRunner(self.endpoint, self.faults, self.served_model, self.timeout,
                                     options.server_retries, self.max_in_flight, self.models.names)
@@ -134,13 +141,13 @@ class ServerModel:
             rec.images.append({"index": i, **u["record"]})
         one_each = req.batch_mode == BATCH_MODES[1] and len(uploads) > 1
         groups = [[u] for u in uploads] if one_each else [uploads]
-        streams = [Stream(i, chat_body(req, self.served_model, g), max_new_tokens=int(req.max_new_tokens))
-                   for i, g in enumerate(groups)]
+        streams = [Stream(i, chat_body(req, self.served_model, g, self.llama_cpp),
+                          max_new_tokens=int(req.max_new_tokens)) for i, g in enumerate(groups)]
         errors = self.streams.run_all(streams, req, rec)
         spec = spec_of(req)
         rec.output_format = spec.output_format
         if spec.constrained:
-            rec.structured = {"server_field": next(iter(structured_fields(spec)))}
+            rec.structured = {"server_field": next(iter(structured_fields(spec, self.llama_cpp)))}
         texts, thoughts = [], []
         for i, (s, error) in enumerate(zip(streams, errors)):
             answer, thinking = split_thinking(s.text) if error is None else ("", "")

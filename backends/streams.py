@@ -20,7 +20,7 @@ from typing import Any
 from ..core.api import GenerationRequest
 from ..core.errors import GenerationInterrupted
 from ..core.sampling import Sampling
-from ..engine.structured import TAGS_REGEX, OutputSpec, spec_of
+from ..engine.structured import TAGS_MAX_CHARS, TAGS_MAX_COUNT, TAGS_REGEX, OutputSpec, spec_of
 from ..perf_monitor import RunRecord
 from .api_key import redact
 from .errors import AnswerError, ServerError, clip
@@ -37,6 +37,10 @@ TOKEN_SLACK_EVENTS = 4
 # After the finish (or the token cap) the closing usage chunk and [DONE] get this long before the answer stands.
 FINISH_GRACE_S = 5.0
 STREAM_EVERY_TOKENS = 8
+# engine.structured.TAGS_REGEX as a GBNF grammar, for llama.cpp's llama-server, which takes a ``grammar`` field and
+# ignores vLLM's regex field.
+TAGS_GBNF = (f'root ::= tag (", " tag){{0,{TAGS_MAX_COUNT - 1}}}\n'
+             f"tag ::= [a-z0-9] ([a-z0-9 _-]{{0,{TAGS_MAX_CHARS - 2}}} [a-z0-9])?\n")
 
 
 def sampling_fields(s: Sampling) -> dict[str, Any]:
@@ -58,8 +62,10 @@ def sampling_fields(s: Sampling) -> dict[str, Any]:
     return fields
 
 
-def chat_body(req: GenerationRequest, model: str, uploads: list[dict[str, Any]]) -> dict[str, Any]:
-    """One streamed chat completion: the uploads' images, then the prompt."""
+def chat_body(req: GenerationRequest, model: str, uploads: list[dict[str, Any]],
+              llama_cpp: bool = False) -> dict[str, Any]:
+    """One streamed chat completion: the uploads' images, then the prompt (``llama_cpp``: the server is
+    llama.cpp's llama-server, see :func:`structured_fields`)."""
     content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u["url"]}} for u in uploads]
     content.append({"type": "text", "text": req.prompt})
     messages: list[dict[str, Any]] = []
@@ -73,17 +79,18 @@ def chat_body(req: GenerationRequest, model: str, uploads: list[dict[str, Any]])
     if spec.constrained:  # the grammar decides where the answer ends: a forced length would fight it
         body.pop("min_tokens", None)
         body.pop("ignore_eos", None)
-    body.update(structured_fields(spec))
+    body.update(structured_fields(spec, llama_cpp))
     return body
 
 
-def structured_fields(spec: OutputSpec) -> dict[str, Any]:
+def structured_fields(spec: OutputSpec, llama_cpp: bool = False) -> dict[str, Any]:
     """The OpenAI body's form of the request's output format (engine/structured.py).
 
     ``json``: the standard ``response_format`` of type ``json_schema`` (strict), which vLLM, SGLang and
-    llama.cpp's llama-server take. ``tags``: vLLM's
-    documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32). Servers that do not know a field ignore it,
-    and every answer is checked against the format on arrival (``engine.structured.check_answer``).
+    llama.cpp's llama-server take. ``tags``: for llama-server (``llama_cpp``) its ``grammar`` field with
+    :data:`TAGS_GBNF`; for the others vLLM's documented ``structured_outputs: {"regex": ...}`` (vLLM 0.32).
+    Servers that do not know a field ignore it, and every answer is checked against the format on arrival
+    (``engine.structured.check_answer``).
     """
     if spec.output_format == "json":
         # Whitespace is the server's setting: vLLM 0.32 ignores a request's own disable_any_whitespace (only
@@ -92,7 +99,7 @@ def structured_fields(spec: OutputSpec) -> dict[str, Any]:
         return {"response_format": {"type": "json_schema", "json_schema": {
             "name": "answer", "schema": spec.schema, "strict": True}}}
     if spec.output_format == "tags":
-        return {"structured_outputs": {"regex": TAGS_REGEX}}
+        return {"grammar": TAGS_GBNF} if llama_cpp else {"structured_outputs": {"regex": TAGS_REGEX}}
     return {}
 
 

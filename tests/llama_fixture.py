@@ -84,10 +84,18 @@ def _convert(src: Path, hf_dir: Path, out: Path, outtype: str, mmproj: bool) -> 
 
 def _add_one_merge(tokenizer_json: Path) -> None:
     """llama.cpp refuses a BPE vocabulary without merges; the test tokenizer has none (one token per byte). One
-    merge ("ĠĠ", two spaces) with its token after the special tokens makes it loadable and changes nothing else."""
+    merge ("ĠĠ", two spaces) with its token after the special tokens makes it loadable and changes nothing else.
+
+    The special tokens also go into the BPE model's vocabulary, at their own ids: the ``tokenizers`` library gives
+    an added token that is not in the model's vocabulary the id ``model vocabulary size + n`` and ignores the id
+    the file states, so a vocabulary of 256 bytes plus the merge's token would move every special token up by one
+    (``<|im_end|>`` at 259, ``<|im_start|>`` at the config's eos id 258, ``</think>`` on the merge's id) and the
+    GGUF would inherit that. A real Qwen vocabulary is dense (its added tokens follow its model vocabulary)."""
     data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     model = data["model"]
-    next_id = 1 + max([*model["vocab"].values(), *(t["id"] for t in data.get("added_tokens", []))])
+    for added in data.get("added_tokens", []):
+        model["vocab"].setdefault(added["content"], added["id"])
+    next_id = 1 + max(model["vocab"].values())
     model["vocab"]["\u0120\u0120"] = next_id
     model["merges"] = [["\u0120", "\u0120"]] if model.get("merges") == [] or isinstance(
         (model.get("merges") or [None])[0], list) else ["\u0120 \u0120"]
@@ -101,7 +109,7 @@ def _key(outtypes: tuple[str, ...], preset: str) -> str:
     h = hashlib.sha256(json.dumps({"preset": preset, "vision": p.vision, "text": p.text, "vocab": p.vocab_size,
                                    "outtypes": outtypes}, sort_keys=True, default=str).encode())
     h.update((llama_src() / "convert_hf_to_gguf.py").read_bytes())
-    h.update(b"one merge")
+    h.update(b"one merge, special tokens in the model vocabulary")
     return h.hexdigest()[:16]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,10 @@ from llama_fixture import MODEL_FOLDER, REPO_ROOT, gguf_root, llama_server_pids,
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.backends.errors import AnswerError
 from qwenvl_fast.backends.llama_server import LLAMA_SERVER_ENV, RELEASES_URL, LlamaServerModel
+from qwenvl_fast.backends.openai_server import ServerModel, is_llama_cpp
+from qwenvl_fast.backends.streams import TAGS_GBNF, chat_body
 from qwenvl_fast.core.errors import GenerationInterrupted, QwenVLError
+from qwenvl_fast.engine.structured import TAGS_MAX_CHARS, TAGS_MAX_COUNT, TAGS_REGEX
 from qwenvl_fast.sources.models import list_gguf_models, model_choices, resolve_model
 
 F16 = f"{MODEL_FOLDER}/model-f16.gguf"
@@ -215,6 +219,52 @@ def test_missing_binary_names_the_variable_and_the_releases(manager: ql.ModelMan
     assert LLAMA_SERVER_ENV in str(err.value) and RELEASES_URL in str(err.value) and "PATH" in str(err.value)
 
 
+# An enum, a bounded integer, a boolean and a bounded string; no other keys, so the grammar is finite. The string's
+# pattern keeps it ASCII: llama.cpp's grammar decodes UTF-8 leniently (a byte 0xF8-0xFF passes as the lead of a
+# 4-byte character), so random weights over byte tokens can write invalid UTF-8 into a free string, which
+# llama-server's own output parser then refuses ("does not match the expected peg-native format"). llama.cpp
+# builds the string from the pattern (not maxLength), so the pattern carries the bound too.
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["kind", "count", "indoor", "note"],
+          "properties": {"kind": {"enum": ["cat", "dog", "car"]},
+                         "count": {"type": "integer", "minimum": 0, "maximum": 20},
+                         "indoor": {"type": "boolean"},
+                         "note": {"type": "string", "maxLength": 12, "pattern": "^[a-z ]{0,12}$"}}}
+# Enough tokens (one per byte here) for the longest answer either grammar allows, so none is cut: JSON with the
+# most whitespace llama.cpp's schema grammar lets between tokens; tags at the count and length limits.
+JSON_TOKENS = 800
+TAGS_TOKENS = TAGS_MAX_COUNT * (TAGS_MAX_CHARS + 2) + 8
+
+
+def test_structured_output_on_llama_server(manager: ql.ModelManager) -> None:
+    """json (llama-server's own schema grammar, from response_format) and tags (a GBNF ``grammar``), sampled from
+    random weights, through the pack's llama-server and through the same server used as a user's own
+    (``backend="server"``, told apart by ``owned_by: llamacpp`` in /models). One server for all."""
+    import jsonschema
+
+    options = ql.LoadOptions(model=F16)
+    for seed in (1, 2, 3):
+        result = ql.run_once(options, _request(seed=seed, output_format="json", json_schema=json.dumps(SCHEMA),
+                                               max_new_tokens=JSON_TOKENS), manager=manager)
+        jsonschema.validate(json.loads(result.texts[0]), SCHEMA)
+        assert result.record.structured == {"server_field": "response_format"}
+        tags = ql.run_once(options, _request(seed=seed, output_format="tags", max_new_tokens=TAGS_TOKENS),
+                           manager=manager)
+        assert re.fullmatch(TAGS_REGEX, tags.texts[0]), tags.texts[0]
+        assert tags.record.structured == {"server_field": "grammar"}
+    assert manager.load_count == 1  # and no crash: the server answered every request
+    own = ServerModel(ql.LoadOptions(model="(served)", backend="server", server_url=manager.current.process.url))
+    try:
+        assert own.llama_cpp
+        for seed in (4, 5):
+            answer = own.run(_request(seed=seed, output_format="tags", max_new_tokens=TAGS_TOKENS)).texts[0]
+            assert re.fullmatch(TAGS_REGEX, answer), answer
+            answer = own.run(_request(seed=seed, output_format="json", json_schema=json.dumps(SCHEMA),
+                                      max_new_tokens=JSON_TOKENS)).texts[0]
+            jsonschema.validate(json.loads(answer), SCHEMA)
+    finally:
+        own.close()
+
+
 @pytest.mark.parametrize("watchdog", ["auto", "pipe"])
 def test_a_killed_parent_leaves_no_orphan_server(gguf_root: Path, watchdog: str) -> None:
     """A ComfyUI killed with SIGKILL runs no atexit: the kernel's parent-death signal (Linux, ``auto``) or the pipe
@@ -250,6 +300,23 @@ def test_a_killed_parent_leaves_no_orphan_server(gguf_root: Path, watchdog: str)
 
 
 # ---------------------------------------------------------------- no binary needed: files only
+def test_structured_body_for_llama_cpp_and_vllm() -> None:
+    tags = _request(output_format="tags", images=[])
+    body = chat_body(tags, "m", [], llama_cpp=True)
+    assert body["grammar"] == TAGS_GBNF and "structured_outputs" not in body
+    assert f"{{0,{TAGS_MAX_COUNT - 1}}}" in TAGS_GBNF and f"{{0,{TAGS_MAX_CHARS - 2}}}" in TAGS_GBNF
+    body = chat_body(tags, "m", [])
+    assert body["structured_outputs"] == {"regex": TAGS_REGEX} and "grammar" not in body
+    as_json = _request(output_format="json", json_schema=json.dumps(SCHEMA), images=[])
+    for llama_cpp in (True, False):  # llama-server takes the standard field (it converts the schema itself)
+        body = chat_body(as_json, "m", [], llama_cpp=llama_cpp)
+        assert body["response_format"]["json_schema"]["schema"] == SCHEMA
+        assert "grammar" not in body and "structured_outputs" not in body
+    assert "grammar" not in chat_body(_request(images=[]), "m", [], llama_cpp=True)
+    served = [{"id": "a.gguf", "owned_by": "llamacpp"}, {"id": "Qwen/Qwen2.5-VL-3B-Instruct", "owned_by": "vllm"}]
+    assert is_llama_cpp(served, "a.gguf") and not is_llama_cpp(served, "Qwen/Qwen2.5-VL-3B-Instruct")
+
+
 def _touch(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"GGUF")
