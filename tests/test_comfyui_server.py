@@ -679,7 +679,8 @@ def test_gguf_model_runs_and_free_stops_its_llama_server(comfy_server, gguf_root
     assert timing["server"]["llama_server"]["model"] == "model-q8_0.gguf", timing.get("server")
     assert llama_server_pids(str(folder)), "no llama-server runs for the GGUF model"
     _free_and_settle(comfy_server)
-    end = time.monotonic() + 15
+    # A bound for a starved worker thread on a busy CI machine, not a speed claim (the server stops at once).
+    end = time.monotonic() + 60
     while llama_server_pids(str(folder)) and time.monotonic() < end:
         time.sleep(0.1)
     assert not llama_server_pids(str(folder)), "POST /free left the llama-server running"
