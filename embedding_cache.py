@@ -44,7 +44,7 @@ from .cache.entry_format import (
     serialize_embedding,
 )
 from .cache.location import CACHE_DIR_ENV, CACHE_SUBDIR, default_cache_dir, set_default_cache_root
-from .core.lru import LRU
+from .core.lru import LRU, ByteBudgetCache
 
 __all__ = [
     "CACHE_DIR_ENV", "CACHE_FORMAT_VERSION", "CACHE_SUBDIR", "CHECKSUM_FIELD", "DEFAULT_DISK_BYTES",
@@ -200,11 +200,11 @@ def entry_key(
 
 
 
-class MemoryTier:
+class MemoryTier(ByteBudgetCache[ImageEmbedding]):
     """An LRU of ImageEmbedding bounded in bytes; an entry larger than the whole budget is not kept."""
 
     def __init__(self, max_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
-        self._lru: LRU[ImageEmbedding] = LRU(max_bytes=int(max_bytes), sizeof=lambda item: item.nbytes)
+        super().__init__(max_bytes, sizeof=lambda item: item.nbytes)
 
     def get(self, key: str) -> ImageEmbedding | None:
         return self._lru.get(key)
@@ -212,30 +212,9 @@ class MemoryTier:
     def put(self, key: str, item: ImageEmbedding) -> None:
         self._lru.put(key, item)
 
-    def clear(self) -> None:
-        self._lru.clear()
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self._lru.max_bytes or 0)
-
-    @max_bytes.setter
-    def max_bytes(self, value: int) -> None:  # a new budget binds from the next put on
-        self._lru.max_bytes = int(value)
-
     @property
     def bytes(self) -> int:
-        return self._lru.nbytes
-
-    @property
-    def evictions(self) -> int:
-        return self._lru.evictions
-
-    def __len__(self) -> int:
-        return len(self._lru)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._lru
+        return self.nbytes
 
 
 class EmbeddingCache:

@@ -82,3 +82,36 @@ class LRU(Generic[V]):
     def _over(self) -> bool:
         return ((self.max_bytes is not None and self.nbytes > self.max_bytes)
                 or (self.max_entries is not None and len(self._items) > self.max_entries))
+
+
+class ByteBudgetCache(Generic[V]):
+    """A cache over one byte-bounded LRU: what the embedding cache's memory tier and the prefix-KV cache share
+    (the budget, which a caller may change between runs, the bytes held, evictions, size, clear)."""
+
+    def __init__(self, max_bytes: int, sizeof: Callable[[V], int]) -> None:
+        self._lru: LRU[V] = LRU(max_bytes=int(max_bytes), sizeof=sizeof)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self._lru.max_bytes or 0)
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:  # a new budget binds from the next put on
+        self._lru.max_bytes = int(value)
+
+    @property
+    def nbytes(self) -> int:
+        return self._lru.nbytes
+
+    @property
+    def evictions(self) -> int:
+        return self._lru.evictions
+
+    def clear(self) -> None:
+        self._lru.clear()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._lru

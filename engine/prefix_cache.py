@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..core.lru import LRU
+from ..core.lru import ByteBudgetCache
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -85,12 +85,12 @@ def snapshot(cache: Any, tokens: int, rope_deltas: torch.Tensor) -> PrefixEntry 
     return PrefixEntry(kept, deltas, tokens, nbytes)
 
 
-class PrefixCache:
+class PrefixCache(ByteBudgetCache[PrefixEntry]):
     """An LRU of prefix entries bounded in bytes (``core.lru.LRU``). Keys: (model identity, image keys, exact
     prefix token ids). Counts its hits and misses; the LRU counts evictions."""
 
     def __init__(self, max_bytes: int) -> None:
-        self._lru: LRU[PrefixEntry] = LRU(max_bytes=int(max_bytes), sizeof=lambda entry: entry.nbytes)
+        super().__init__(max_bytes, sizeof=lambda entry: entry.nbytes)
         self._count_lock = threading.Lock()  # the LRU locks itself; the counters are ours
         self.hits = 0
         self.misses = 0
@@ -98,14 +98,6 @@ class PrefixCache:
     @staticmethod
     def key(identity: str, image_keys: list[Any], prefix_ids: torch.Tensor) -> tuple:
         return (identity, tuple(str(k) for k in image_keys), tuple(int(t) for t in prefix_ids.reshape(-1).tolist()))
-
-    @property
-    def max_bytes(self) -> int:
-        return int(self._lru.max_bytes or 0)
-
-    @max_bytes.setter
-    def max_bytes(self, value: int) -> None:  # a new budget binds from the next put on
-        self._lru.max_bytes = int(value)
 
     @property
     def enabled(self) -> bool:
@@ -123,20 +115,6 @@ class PrefixCache:
     def put(self, key: tuple, entry: PrefixEntry) -> bool:
         """Keep ``entry`` (evicting the least recently used); False if it alone exceeds the budget."""
         return self._lru.put(key, entry)
-
-    def clear(self) -> None:
-        self._lru.clear()
-
-    def __len__(self) -> int:
-        return len(self._lru)
-
-    @property
-    def nbytes(self) -> int:
-        return self._lru.nbytes
-
-    @property
-    def evictions(self) -> int:
-        return self._lru.evictions
 
     def info(self) -> dict[str, Any]:
         return {"entries": len(self._lru), "bytes": self._lru.nbytes, "max_bytes": self.max_bytes,
