@@ -8,6 +8,7 @@ write; only a real fault (read-only folder, full disk, no diskcache) turns the t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -185,12 +186,7 @@ class DiskTier:
         """Move a corrupt index aside and drop the entry files it listed; True when the tier may start afresh."""
         if self.index_resets or not _is_corrupt_index_error(exc) or not self._index_fails_its_check():
             return False
-        cache, self._cache = self._cache, None
-        if cache is not None:
-            try:
-                cache.close()
-            except Exception:
-                pass
+        self._close_cache()
         index = self.directory / INDEX_FILE
         stamp = time.strftime("%Y%m%d-%H%M%S")
         moved = index.with_name(f"{INDEX_FILE}.corrupt-{stamp}")
@@ -252,17 +248,19 @@ class DiskTier:
                 what, str(exc) or type(exc).__name__, what)
         return True
 
+    def _close_cache(self) -> None:
+        """Drop the open diskcache (a fault path: its close may fail too, and must not hide the first fault)."""
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            with contextlib.suppress(Exception):
+                cache.close()
+
     def _disable(self, why: str, exc: BaseException | None = None) -> None:
         if self._failed is None:
             log.warning("[QwenVL-Fast] disk embedding cache disabled for this session (%s); runs continue "
                         "without it. %s", why, _disable_hint(exc))
         self._failed = why
-        cache, self._cache = self._cache, None
-        if cache is not None:
-            try:
-                cache.close()
-            except Exception:
-                pass
+        self._close_cache()
 
     def _fault(self, exc: BaseException, what: str, stats: CacheStats | None) -> bool:
         """A read or write failed: skip it when busy, start afresh when the folder is gone or the index is
