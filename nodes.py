@@ -105,7 +105,8 @@ def _tip(text: str) -> dict[str, str]:
 
 
 # Inputs that the newest ComfyUI frontends fold away as "advanced" (frontend 1.27 ignores the flag and shows them):
-# everything but what the compact node has. The flag only changes how the input is drawn, never its order or value.
+# everything but what the compact node has (QwenVLFastAsk.WIDGETS and LINKS) and the structured-output inputs.
+# The flag only changes how the input is drawn, never its order or value.
 ADVANCED_INPUTS = frozenset({
     "system_prompt", "enable_image_cache", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
     "batch_mode", "quantization", "attention_mode", "dtype", "device", "compile_vision", "compile_decode",
@@ -279,29 +280,20 @@ class QwenVLFastAsk(_AnswerNode):
     DESCRIPTION = ("Ask a Qwen-VL model about the connected image(s) or video: the common settings only. For "
                    "sampling, dtype, device, compile, attention, quantization or a server, use the all-in-one node.")
     FUNCTION = "ask"
+    # The all-in-one node's inputs it shows, in this order (none of them is in ADVANCED_INPUTS).
+    WIDGETS = ("model", "prompt", "image_quality", "max_new_tokens", "seed", "keep_model_loaded")
+    LINKS = ("image", "video", "video_clip")
 
     @classmethod
     def INPUT_TYPES(cls):
-        loader, generation = _loader_inputs(), _generation_inputs()
+        spec = QwenVLFastRun.INPUT_TYPES()
         return {
-            "required": {
-                "model": loader["model"],
-                "prompt": generation["prompt"],
-                "image_quality": generation["image_quality"],
-                "max_new_tokens": generation["max_new_tokens"],
-                "seed": generation["seed"],
-                "keep_model_loaded": ("BOOLEAN", {"default": True, **_tip(
-                    "Keep the model in memory for the next run; off releases it after this run.")}),
-            },
-            "optional": {
-                "image": ("IMAGE", _tip("One image, or a batch: several images in one prompt.")),
-                **_video_links(),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "required": {name: spec["required"][name] for name in cls.WIDGETS},
+            "optional": {name: spec["optional"][name] for name in cls.LINKS},
+            "hidden": spec["hidden"],
         }
 
-    def ask(self, keep_model_loaded: bool, unique_id: str | None = None, **inputs: Any) -> dict[str, Any]:
-        return run_generation(load_options(inputs), inputs, keep_model_loaded, unique_id)
+    ask = QwenVLFastRun.run
 
 
 class QwenVLHandle:

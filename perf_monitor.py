@@ -25,6 +25,11 @@ log = logging.getLogger("QwenVL-Fast")
 STAGES = ("load", "hash", "preprocess", "transfer", "encode", "cache", "prompt", "prefill", "decode")
 
 
+def cache_hits(entries: list[dict[str, Any]]) -> int:
+    """How many of a record's images / videos came from a cache tier (their "cache" is "memory" or "disk")."""
+    return sum(1 for e in entries if e.get("cache") in ("memory", "disk"))
+
+
 @dataclass
 class RunRecord:
     model: str = ""
@@ -83,14 +88,13 @@ class RunRecord:
         parts = [f"{self.total_s:.1f} s"]
         if self.model_loaded_this_run:
             parts.append("model loaded")
-        visual = sum(int(i.get("tokens", 0)) for i in self.images) + sum(int(v.get("tokens", 0)) for v in self.videos)
-        if self.images or self.videos:
-            parts.append(f"{visual} visual tokens")
-        tiers = [str(i.get("cache", "")) for i in [*self.images, *self.videos]]
-        hits = sum(t in ("memory", "disk") for t in tiers)
-        if tiers and any(t != "off" for t in tiers):
-            parts.append("cache hit" if hits == len(tiers) else "cache miss" if hits == 0
-                         else f"cache {hits}/{len(tiers)} hit")
+        entries = [*self.images, *self.videos]
+        if entries:
+            parts.append(f"{sum(int(e.get('tokens', 0)) for e in entries)} visual tokens")
+        if any(e.get("cache") != "off" for e in entries):
+            hits = cache_hits(entries)
+            parts.append("cache hit" if hits == len(entries) else "cache miss" if hits == 0
+                         else f"cache {hits}/{len(entries)} hit")
         if self.server:
             parts.append("server")
         parts.append(f"{self.new_tokens} new tokens")
@@ -106,7 +110,7 @@ class RunRecord:
 
     def summary(self) -> str:
         parts = [f"{k} {v * 1000:.1f}ms" for k, v in self.stages.items() if v > 0]
-        hits = sum(1 for i in self.images if i["cache"] in ("memory", "disk"))
+        hits = cache_hits(self.images)
         img = ""
         if self.images:
             tokens = sum(i["tokens"] for i in self.images)
@@ -323,7 +327,7 @@ class TipBook:
             self.loads += int(record.model_loaded_this_run)
             if cache_enabled and record.images:
                 self.runs_with_cache += 1
-                self.hits_with_cache += sum(1 for i in record.images if i["cache"] in ("memory", "disk"))
+                self.hits_with_cache += cache_hits(record.images)
             if not record.model_loaded_this_run:
                 # keep the "reloaded every run" window to consecutive runs
                 self.loads = 0

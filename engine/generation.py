@@ -203,7 +203,7 @@ class Generator:
             torch.cuda.manual_seed_all(s.seed)
         return gen_kwargs
 
-    def fit_context(self, prompt_len: int, max_new: int, record: RunRecord | None = None) -> int:
+    def fit_context(self, prompt_len: int, max_new: int, record: RunRecord) -> int:
         if prompt_len >= self.context_length:
             raise QwenVLError(
                 f"The prompt is {prompt_len} tokens but the model's context is {self.context_length}: shorten the "
@@ -212,11 +212,11 @@ class Generator:
         if prompt_len + max_new > self.context_length:
             asked, max_new = max_new, self.context_length - prompt_len
             log.warning("[QwenVL-Fast] max_new_tokens reduced to %d to fit the model's context", max_new)
-            if record is not None:  # the node shows it too (perf_monitor.RunRecord.warnings)
-                note = (f"max_new_tokens reduced from {asked} to {max_new} to fit the model's context of "
-                        f"{self.context_length} tokens (the prompt takes {prompt_len}).")
-                if note not in record.warnings:
-                    record.warnings.append(note)
+            # The node shows it too (perf_monitor.RunRecord.warnings); said once when rows of one run cut alike.
+            note = (f"max_new_tokens reduced from {asked} to {max_new} to fit the model's context of "
+                    f"{self.context_length} tokens (the prompt takes {prompt_len}).")
+            if note not in record.warnings:
+                record.warnings.append(note)
         return max_new
 
     def eos_ids(self) -> set[int]:
