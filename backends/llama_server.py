@@ -33,7 +33,6 @@ import http.client
 import logging
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
@@ -50,6 +49,7 @@ import torch
 
 from ..core.api import GenerationRequest, GenerationResult, LoadOptions
 from ..core.errors import GenerationInterrupted, QwenVLError
+from ..sources.models import GGUF_SPLIT, GGUF_SUFFIX, is_gguf_projector
 from .errors import ServerError
 from .openai_server import ServerModel
 from .served_models import QWEN_MERGE_SIZE, QWEN_PATCH_SIZES
@@ -72,8 +72,6 @@ DEFAULT_START_TIMEOUT_S = 600.0  # loading a large model from a cold disk
 HEALTH_POLL_S = 0.1
 MAX_LOG_BYTES = 16 << 20  # checked at each start: a log past it becomes <name>.log.1
 STOP_GRACE_S = 5.0
-PROJECTOR_PREFIX = "mmproj"
-_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _PATCH_KEY = "clip.vision.patch_size"
 
 
@@ -83,15 +81,11 @@ _PATCH_KEY = "clip.vision.patch_size"
 
 
 def is_gguf_name(name: str) -> bool:
-    return str(name).strip().lower().endswith(".gguf")
-
-
-def is_projector(path: Path) -> bool:
-    return path.name.lower().startswith(PROJECTOR_PREFIX)
+    return str(name).strip().lower().endswith(GGUF_SUFFIX)
 
 
 def projectors_beside(model_file: Path) -> list[Path]:
-    return sorted(p for p in model_file.parent.glob("*.gguf") if is_projector(p) and p.is_file())
+    return sorted(p for p in model_file.parent.glob("*" + GGUF_SUFFIX) if is_gguf_projector(p) and p.is_file())
 
 
 def find_projector(model_file: Path) -> Path:
@@ -135,16 +129,17 @@ def projector_patch_size(mmproj: Path) -> int:
     return int(value)
 
 
-def gguf_bytes(model_file: Path) -> int:
-    """Bytes on disk of the model (all its split parts) and its projector: what the server will hold."""
+def gguf_bytes(model_file: Path, mmproj: Path | None = None) -> int:
+    """Bytes on disk of the model (all its split parts) and its projector (``mmproj``, else the one found beside
+    it): what the server will hold."""
     parts = [model_file]
-    split = _SPLIT.search(model_file.name)
+    split = GGUF_SPLIT.search(model_file.name)
     if split is not None:
         stem = model_file.name[: split.start()]
         parts = sorted(model_file.parent.glob(f"{stem}-*-of-{split.group(2)}.gguf"))
     total = sum(p.stat().st_size for p in parts if p.is_file())
     with contextlib.suppress(QwenVLError, OSError):
-        total += find_projector(model_file).stat().st_size
+        total += (mmproj or find_projector(model_file)).stat().st_size
     return total
 
 
@@ -543,7 +538,7 @@ class LlamaServerModel(ServerModel):
         self.model_file, self.mmproj = model_file, mmproj
         self.dtype = torch.float16  # what ComfyUI's patcher shows; the weights live in llama-server
         self.load_seconds = time.perf_counter() - t0
-        self.gguf_bytes = gguf_bytes(model_file)
+        self.gguf_bytes = gguf_bytes(model_file, mmproj)
         log.info("[QwenVL-Fast] %s through llama-server (patch %d from %s)", model_file.name, patch, mmproj.name)
 
     @property

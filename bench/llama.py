@@ -42,20 +42,12 @@ pack_path.import_pack()
 import torch  # noqa: E402
 
 import llama_fixture  # noqa: E402
+from bench.server import write_images  # noqa: E402 (the server benchmark's noise images)
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.batch_caption import caption_folder  # noqa: E402
 
 _PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 _EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) tokens")
-
-
-def write_images(folder: Path, n: int, size: tuple[int, int], seed: int) -> None:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
 
 
 def server_timings(log_path: Path, since: int) -> tuple[float, float]:
@@ -64,7 +56,7 @@ def server_timings(log_path: Path, since: int) -> tuple[float, float]:
         f.seek(since)
         text = f.read().decode("utf-8", "replace")
     prompt = _PROMPT_EVAL.findall(text)
-    evals = [m for m in _EVAL.findall(text)]
+    evals = _EVAL.findall(text)
     if not prompt or not evals:
         raise RuntimeError(f"no timing lines in {log_path} after byte {since}")
     ms, tokens = evals[-1]

@@ -28,11 +28,11 @@ from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.batch_caption import caption_folder  # noqa: E402
 
 
-def write_images(folder: Path, n: int, size: tuple[int, int]) -> None:
+def write_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
 

@@ -139,19 +139,24 @@ def list_local_models(dirs: Sequence[Path] | None = None) -> list[str]:
 
 GGUF_SUFFIX = ".gguf"
 GGUF_PROJECTOR_PREFIX = "mmproj"
-_GGUF_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")  # llama.cpp's split files; the first one loads all
+# llama.cpp's split files; the first one loads all
+GGUF_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+
+def is_gguf_projector(path: Path) -> bool:
+    """A projector (``mmproj*.gguf``), never a model to pick."""
+    return path.name.lower().startswith(GGUF_PROJECTOR_PREFIX)
 
 
 def _gguf_model_file(path: Path) -> bool:
     """A pickable GGUF model file: not a projector, of a split model only the first part, and with a projector
     (``mmproj*.gguf``) in its folder (a Qwen-VL GGUF needs both)."""
-    name = path.name.lower()
-    if not name.endswith(GGUF_SUFFIX) or name.startswith(GGUF_PROJECTOR_PREFIX) or not path.is_file():
+    if not path.name.lower().endswith(GGUF_SUFFIX) or is_gguf_projector(path) or not path.is_file():
         return False
-    split = _GGUF_SPLIT.search(name)
+    split = GGUF_SPLIT.search(path.name)
     if split is not None and int(split.group(1)) != 1:
         return False
-    return any(p.name.lower().startswith(GGUF_PROJECTOR_PREFIX) for p in path.parent.glob("*" + GGUF_SUFFIX))
+    return any(is_gguf_projector(p) for p in path.parent.glob("*" + GGUF_SUFFIX))
 
 
 def list_gguf_models(dirs: Sequence[Path] | None = None) -> list[str]:
@@ -207,6 +212,23 @@ class ModelSource:
     path: Path | None = None
     repo_id: str | None = None
 
+def _absolute_refused(name: str, dirs: Sequence[Path]) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"'{name}' is an absolute path; workflows may only name models inside the LLM model folders "
+        f"({', '.join(map(str, dirs)) or 'none registered'}). Move the model there and pick it from the list."
+    )
+
+
+def _dots_refused(name: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"'{name}' contains '..'; model names must stay inside the LLM model folders.")
+
+
+def _inside(base: Path, rel: str) -> Path | None:
+    """``base / rel`` normalised lexically, or None where that leaves ``base``."""
+    path = Path(os.path.normpath(base / rel))
+    return path if path.is_relative_to(Path(os.path.normpath(base))) else None
+
+
 def resolve_model(name: str, dirs: Sequence[Path] | None = None, allow_absolute: bool = True,
                   allow_download: bool = True) -> ModelSource:
     """Find a model: a synthetic name, a local folder, or a known repo (downloaded once).
@@ -225,10 +247,7 @@ def resolve_model(name: str, dirs: Sequence[Path] | None = None, allow_absolute:
     candidate = Path(name).expanduser()
     if candidate.is_absolute():
         if not allow_absolute:
-            raise ModelNotFoundError(
-                f"'{name}' is an absolute path; workflows may only name models inside the LLM model folders "
-                f"({', '.join(map(str, dirs)) or 'none registered'}). Move the model there and pick it from the list."
-            )
+            raise _absolute_refused(name, dirs)
         if is_model_folder(candidate):
             return ModelSource("local", name, path=candidate)
         if (candidate / INCOMPLETE_MARKER).exists():
@@ -236,13 +255,13 @@ def resolve_model(name: str, dirs: Sequence[Path] | None = None, allow_absolute:
         raise ModelNotFoundError(f"'{candidate}' is not a model folder (no config.json in it).")
     parts = Path(name).parts
     if ".." in parts:
-        raise ModelNotFoundError(f"'{name}' contains '..'; model names must stay inside the LLM model folders.")
+        raise _dots_refused(name)
     for base in dirs:
         for rel in (name, folder_for_repo(name)):
             # The name (no '..', not absolute) keeps the lexical path inside the model folder; a symlink the
             # user put there (models on another drive) is their choice and is followed.
-            path = Path(os.path.normpath(base / rel))
-            if path.is_relative_to(Path(os.path.normpath(base))) and is_model_folder(path):
+            path = _inside(base, rel)
+            if path is not None and is_model_folder(path):
                 return ModelSource("local", name, path=path)
     if "/" in name and not name.startswith("/"):
         return ModelSource("repo", name, repo_id=name)
@@ -265,19 +284,15 @@ def resolve_gguf(name: str, dirs: Sequence[Path], allow_absolute: bool = True) -
     candidate = Path(name).expanduser()
     if candidate.is_absolute():
         if not allow_absolute:
-            raise ModelNotFoundError(
-                f"'{name}' is an absolute path; workflows may only name models inside the LLM model folders "
-                f"({', '.join(map(str, dirs)) or 'none registered'}). Move the model there and pick it from the list."
-            )
+            raise _absolute_refused(name, dirs)
         paths = [candidate]
     elif ".." in Path(name).parts:
-        raise ModelNotFoundError(f"'{name}' contains '..'; model names must stay inside the LLM model folders.")
+        raise _dots_refused(name)
     else:
-        paths = [Path(os.path.normpath(base / name)) for base in dirs
-                 if Path(os.path.normpath(base / name)).is_relative_to(Path(os.path.normpath(base)))]
+        paths = [p for p in (_inside(base, name) for base in dirs) if p is not None]
     for path in paths:
         if path.is_file():
-            if path.name.lower().startswith(GGUF_PROJECTOR_PREFIX):
+            if is_gguf_projector(path):
                 raise ModelNotFoundError(f"'{name}' is a projector (mmproj); pick the model .gguf beside it.")
             return ModelSource("gguf", name, path=path)
     raise ModelNotFoundError(

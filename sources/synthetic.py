@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,17 @@ _TINY_TEXT = dict(
     tie_word_embeddings=True,
 )
 
+_TINY_H64 = SyntheticPreset(
+    family="qwen2_5_vl",
+    vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                fullatt_block_indexes=[1], in_channels=3),
+    text={**_TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+          "num_key_value_heads": 1,
+          "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}},
+    description="tiny Qwen2.5-VL with head size 64, for a vLLM server on CPU",
+)
+
 SYNTHETIC_PRESETS: dict[str, SyntheticPreset] = {
     "tiny-qwen2-vl": SyntheticPreset(
         family="qwen2_vl",
@@ -131,25 +142,11 @@ SYNTHETIC_PRESETS: dict[str, SyntheticPreset] = {
     ),
     # For a real vLLM server (tests/vllm_server.py): vLLM's CPU attention refuses head size 16
     # ("Unsupported CPU attention configuration: head_dim=16"); 64 works, in the text model and the tower.
-    "tiny-qwen2.5-vl-h64": SyntheticPreset(
-        family="qwen2_5_vl",
-        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                    fullatt_block_indexes=[1], in_channels=3),
-        text={**_TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
-              "num_key_value_heads": 1,
-              "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}},
-        description="tiny Qwen2.5-VL with head size 64, for a vLLM server on CPU",
-    ),
+    "tiny-qwen2.5-vl-h64": _TINY_H64,
     # The same with a 3-block vision tower: llama.cpp's projector conversion cannot map a 2-block one (GGUF tests).
-    "tiny-qwen2.5-vl-h64-d3": SyntheticPreset(
-        family="qwen2_5_vl",
-        vision=dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                    fullatt_block_indexes=[2], in_channels=3),
-        text={**_TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
-              "num_key_value_heads": 1,
-              "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}},
+    "tiny-qwen2.5-vl-h64-d3": replace(
+        _TINY_H64, vision={**_TINY_H64.vision, "depth": 3, "fullatt_block_indexes": [2]},
+        text=copy.deepcopy(_TINY_H64.text),
         description="tiny Qwen2.5-VL, head size 64, 3 vision blocks, for llama.cpp's GGUF converter",
     ),
     # Tiny vision tower, ~120 MB of text weights: big enough that one leaked copy shows in a process's memory.
