@@ -68,13 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default="")
     p.add_argument("--quality", default=qp.DEFAULT_QUALITY, choices=qp.QUALITY_CHOICES)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--min-new-tokens", type=int, default=0)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    _sampling_arguments(p)
     p.add_argument("--no-cache", action="store_true", help="disable the image-embedding cache")
     p.add_argument("--no-disk-cache", action="store_true", help="memory tier only")
     p.add_argument("--per-image", action="store_true", help="one answer per image instead of one prompt")
@@ -87,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result and timing record as JSON")
     _structured_arguments(p)
     return p
+
+
+def _sampling_arguments(group) -> None:
+    """--min-new-tokens, --sample and the sampling settings, the same for both commands."""
+    group.add_argument("--min-new-tokens", type=int, default=0)
+    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=float, default=0.7)
+    group.add_argument("--top-p", type=float, default=0.9)
+    group.add_argument("--top-k", type=int, default=50)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _sampling_request_fields(args: argparse.Namespace) -> dict:
+    """The GenerationRequest fields of :func:`_sampling_arguments`' flags."""
+    return dict(min_new_tokens=args.min_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def _structured_arguments(group, json_field: bool = False) -> None:
@@ -129,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt=args.prompt, images=images, videos=videos, max_frames=args.max_frames,
         system_prompt=args.system_prompt, image_quality=args.quality,
         enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
         batch_mode=ql.BATCH_MODES[1] if args.per_image else ql.BATCH_MODES[0], preprocess=args.preprocess,
-        output_format=args.output_format, json_schema=args.json_schema,
+        output_format=args.output_format, json_schema=args.json_schema, **_sampling_request_fields(args),
     )
     try:
         result = ql.run_once(options, request)
@@ -224,13 +233,7 @@ def build_caption_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quality", default=qp.DEFAULT_QUALITY, choices=qp.QUALITY_CHOICES,
                      help="visual-token budget per image")
     gen.add_argument("--max-new-tokens", type=int, default=CAPTION_MAX_NEW_TOKENS)
-    gen.add_argument("--min-new-tokens", type=int, default=0)
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.7)
-    gen.add_argument("--top-p", type=float, default=0.9)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    _sampling_arguments(gen)
     gen.add_argument("--include-videos", action="store_true", help="caption video files too (one clip each)")
     gen.add_argument("--max-frames", type=int, default=16, help="most frames sampled from each video (evenly)")
     gen.add_argument("--no-cache", action="store_true", help="disable the image-embedding cache")
@@ -331,9 +334,7 @@ def caption_folder_main(argv: list[str]) -> int:
     stop = _StopOnSignal()
     request = ql.GenerationRequest(
         prompt=args.prompt, system_prompt=args.system_prompt, image_quality=args.quality,
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, max_frames=args.max_frames,
+        max_new_tokens=args.max_new_tokens, max_frames=args.max_frames, **_sampling_request_fields(args),
         enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, should_stop=stop,
         output_format=args.output_format, json_schema=args.json_schema)
     try:  # a broken schema, or json/tags without llguidance on the local backend: before the model loads

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ import torch
 
 from ..core.api import OUTPUT_FORMATS
 from ..core.errors import QwenVLError
+from ..core.lru import LRU
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -50,6 +51,7 @@ TAGS_MAX_CHARS = 32  # at most this many characters per tag
 # tags joined by ", ". Plain regex (no look-around), so a server takes the same pattern (vLLM's structured_outputs).
 _TAG = rf"[a-z0-9](?:[a-z0-9 _-]{{0,{TAGS_MAX_CHARS - 2}}}[a-z0-9])?"
 TAGS_REGEX = rf"{_TAG}(?:, {_TAG}){{0,{TAGS_MAX_COUNT - 1}}}"
+_TAGS_PATTERN = re.compile(TAGS_REGEX)
 TAGS_DESCRIPTION = (f"a comma-separated list of at most {TAGS_MAX_COUNT} tags, each 1-{TAGS_MAX_CHARS} lowercase "
                     "letters, digits, '_', '-' or inner spaces")
 # Compact JSON: no whitespace outside strings, so no runaway whitespace ("," and ":" as separators).
@@ -159,10 +161,24 @@ def _check_meta_schema(schema: dict[str, Any]) -> None:
         raise QwenVLError(f"json_schema is not a valid JSON Schema at {where}: {exc.message}") from exc
 
 
+# spec_of's parsed specs: a request's spec is asked for at each layer (the loader, Caption Folder, the model, each
+# server request's body), and parsing checks the schema against its meta-schema and, locally, builds its grammar.
+_SPECS: LRU[OutputSpec] = LRU(max_entries=32)
+
+
 def spec_of(request: Any, need_grammar: bool = False) -> OutputSpec:
-    """The request's OutputSpec (its ``output_format`` and ``json_schema`` fields)."""
-    return parse_output_spec(getattr(request, "output_format", "text"), getattr(request, "json_schema", ""),
-                             need_grammar)
+    """The request's OutputSpec (its ``output_format`` and ``json_schema`` fields), parsed once per distinct fields
+    (a refused one is not kept: it raises again)."""
+    output_format = getattr(request, "output_format", "text")
+    json_schema = getattr(request, "json_schema", "")
+    if not isinstance(output_format, str) or not isinstance(json_schema, str):
+        return parse_output_spec(output_format, json_schema, need_grammar)
+    key = (output_format, json_schema, need_grammar)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = parse_output_spec(output_format, json_schema, need_grammar)
+        _SPECS.put(key, spec)
+    return spec
 
 
 def check_answer(spec: OutputSpec, text: str) -> str | None:
@@ -194,9 +210,7 @@ def normalize_json(text: str) -> str:
 
 def tags_match(text: str) -> bool:
     """Whether ``text`` is a tag list of the ``tags`` grammar."""
-    import re
-
-    return re.fullmatch(TAGS_REGEX, text) is not None
+    return _TAGS_PATTERN.fullmatch(text) is not None
 
 
 # -- compiled constraints, cached per tokenizer and grammar ----------------------------------------
@@ -209,6 +223,9 @@ class Compiled:
     vocab_size: int
     eos_ids: frozenset[int]
     closing_tokens: list[int]
+    # Tokens of the greedy closing path from the start (EOS included): the least max_new_tokens that works (None:
+    # more than CLOSING_LIMIT).
+    min_new_tokens: int | None = None
     compile_s: float = 0.0
 
 
@@ -220,7 +237,7 @@ class ConstraintCache:
     """
 
     def __init__(self, max_grammars: int = 32) -> None:
-        self._per_tokenizer: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+        self._per_tokenizer: weakref.WeakKeyDictionary[Any, _TokenizerEntry] = weakref.WeakKeyDictionary()
         self.max_grammars = max_grammars
         self._lock = threading.Lock()
 
@@ -231,33 +248,42 @@ class ConstraintCache:
         with self._lock:
             mine = self._per_tokenizer.get(tokenizer)
             if mine is None:
-                mine = self._per_tokenizer[tokenizer] = {"infos": {}, "grammars": OrderedDict(),
-                                                         "closing": closing_tokens(tokenizer)}
-            hit = mine["grammars"].get(key)
+                mine = self._per_tokenizer[tokenizer] = _TokenizerEntry(
+                    {}, LRU(max_entries=self.max_grammars), closing_tokens(tokenizer))
+            hit = mine.grammars.get(key)
             if hit is not None:
-                mine["grammars"].move_to_end(key)
                 return hit
             t0 = time.perf_counter()
-            info = mine["infos"].get(key[:2])
+            info = mine.infos.get(key[:2])
             if info is None:
                 # The model's vocabulary may be padded beyond the tokenizer's: n_vocab is the logits' width, and
                 # the ids past the tokenizer are never allowed.
                 info = llg.hf.from_tokenizer(tokenizer, n_vocab=int(vocab_size), eos_token=list(eos) or None)
-                mine["infos"][key[:2]] = info
+                mine.infos[key[:2]] = info
             grammar = spec.grammar()
             probe = llg.LLMatcher(info, grammar, log_level=0)
             if probe.is_error():
                 raise QwenVLError(f"json_schema cannot be used for constrained decoding: {probe.get_error()}")
-            compiled = Compiled(info, grammar, int(vocab_size), frozenset(eos), mine["closing"],
-                                time.perf_counter() - t0)
-            mine["grammars"][key] = compiled
-            while len(mine["grammars"]) > self.max_grammars:
-                mine["grammars"].popitem(last=False)
+            path = closing_path(probe, mine.closing, min(eos) if eos else None, CLOSING_LIMIT)
+            compiled = Compiled(info, grammar, int(vocab_size), frozenset(eos), mine.closing,
+                                None if path is None else len(path), time.perf_counter() - t0)
+            mine.grammars.put(key, compiled)
             return compiled
+
+
+@dataclass
+class _TokenizerEntry:
+    """One tokenizer's llguidance tokenizers (per logits width and stop tokens), grammars and closing tokens."""
+
+    infos: dict[tuple[int, tuple[int, ...]], Any]
+    grammars: LRU[Compiled]
+    closing: list[int]
 
 
 CONSTRAINTS = ConstraintCache()
 
+# The longest closing path looked for before generating (longer: the schema is refused).
+CLOSING_LIMIT = 4096
 # The greedy closing walk's preference: end, close what is open, separate, then the cheapest values.
 _CLOSING_CHARS = '"}],:0123456789' + "abcdefghijklmnopqrstuvwxyz" + "-.[{ _"
 
@@ -303,12 +329,6 @@ class ConstraintStats:
     steps: int = 0
     compile_s: float = 0.0
     budget_steps: int = 0  # steps on which the token budget narrowed the choice
-
-
-def _transformers_processor_base() -> type:
-    from transformers import LogitsProcessor
-
-    return LogitsProcessor
 
 
 class GrammarConstraint:
@@ -418,35 +438,28 @@ def _mask_filler() -> Any:
     return llg_torch.fill_next_token_bitmask
 
 
-def shortest_closing(compiled: Compiled, limit: int = 4096) -> int | None:
-    """Tokens of the greedy closing path from the start (EOS included): the least ``max_new_tokens`` that works."""
-    llg = _llguidance()
-    matcher = llg.LLMatcher(compiled.tokenizer_info, compiled.grammar, log_level=0)
-    eos = min(compiled.eos_ids) if compiled.eos_ids else None
-    path = closing_path(matcher, compiled.closing_tokens, eos, limit)
-    return None if path is None else len(path)
-
-
 def make_constraint(tokenizer: Any, vocab_size: int, eos_ids: set[int], spec: OutputSpec, rows: int,
                     max_new: int, stats: ConstraintStats) -> GrammarConstraint:
     """The logits processor for one generate call of ``rows`` answers, after checking the budget fits."""
     compiled = CONSTRAINTS.get(tokenizer, vocab_size, eos_ids, spec)
     stats.compile_s += compiled.compile_s
     compiled.compile_s = 0.0  # counted once: later calls reuse the cached compile
-    need = shortest_closing(compiled)
+    need = compiled.min_new_tokens
     if need is None or need > max_new:
         what = "the JSON schema" if spec.output_format == "json" else "a tag list"
-        raise QwenVLError(f"max_new_tokens is {max_new} but {what} needs at least {need or 'more than 4096'} "
-                          f"tokens to be complete: raise max_new_tokens.")
-    return _processor_class(_transformers_processor_base())(compiled, rows, max_new, stats)
+        raise QwenVLError(f"max_new_tokens is {max_new} but {what} needs at least "
+                          f"{need or f'more than {CLOSING_LIMIT}'} tokens to be complete: raise max_new_tokens.")
+    return _processor_class()(compiled, rows, max_new, stats)
 
 
 _PROCESSOR_CLASS: type | None = None
 
 
-def _processor_class(base: type) -> type:
+def _processor_class() -> type:
     """GrammarConstraint as a subclass of transformers' LogitsProcessor (built on first use: no import at load)."""
     global _PROCESSOR_CLASS
     if _PROCESSOR_CLASS is None:
-        _PROCESSOR_CLASS = type("GrammarLogitsProcessor", (GrammarConstraint, base), {})
+        from transformers import LogitsProcessor
+
+        _PROCESSOR_CLASS = type("GrammarLogitsProcessor", (GrammarConstraint, LogitsProcessor), {})
     return _PROCESSOR_CLASS

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from structured_cases import SCHEMA, SCHEMA_TEXT
 
 from conftest import TINY_FAMILIES, load_tiny
 
@@ -19,19 +20,6 @@ jsonschema = pytest.importorskip("jsonschema")
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.batch_caption import METADATA_NAME, CaptionOptions, caption_folder  # noqa: E402
 from qwenvl_fast.engine import structured  # noqa: E402
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "caption": {"type": "string", "maxLength": 24},
-        "mood": {"enum": ["happy", "sad", "neutral"]},
-        "count": {"type": "integer", "minimum": 2, "maximum": 7},
-        "nsfw": {"type": "boolean"},
-    },
-    "required": ["caption", "mood", "count", "nsfw"],
-    "additionalProperties": False,
-}
-SCHEMA_TEXT = json.dumps(SCHEMA)
 
 
 def _images(n, seed=0):

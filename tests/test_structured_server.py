@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from structured_cases import SCHEMA, SCHEMA_TEXT
 
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.backends.streams import chat_body
@@ -20,22 +21,9 @@ from vllm_server import vllm_server  # noqa: F401  (the session fixture: a real 
 
 jsonschema = pytest.importorskip("jsonschema")
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "caption": {"type": "string", "maxLength": 24},
-        "mood": {"enum": ["happy", "sad", "neutral"]},
-        "count": {"type": "integer", "minimum": 2, "maximum": 7},
-        "nsfw": {"type": "boolean"},
-    },
-    "required": ["caption", "mood", "count", "nsfw"],
-    "additionalProperties": False,
-}
-
-
 def _request(images, **overrides) -> ql.GenerationRequest:
     base = dict(prompt="Describe the image as JSON.", images=images, max_new_tokens=96, image_quality="fast",
-                output_format="json", json_schema=json.dumps(SCHEMA), batch_mode=ql.BATCH_MODES[1])
+                output_format="json", json_schema=SCHEMA_TEXT, batch_mode=ql.BATCH_MODES[1])
     base.update(overrides)
     return ql.GenerationRequest(**base)
 
