@@ -36,6 +36,17 @@ OUTPUT_FORMATS = ["text", "json", "tags"]
 # for a 3B model and ~0.9 GiB for a 7B one in bf16; 0 (or any budget a single row exceeds) means one by one.
 ANSWER_BATCH_TOKENS = 16384
 
+# How an answer ended (``GenerationResult.endings``, one per answer). Only ``COMPLETE`` (a stop token, or a server's
+# ``finish_reason: "stop"``) may become a caption or a metadata row; every other ending is that answer's error.
+COMPLETE = "complete"
+CUT = "cut"  # max_new_tokens / finish_reason "length"
+ABORTED = "aborted"  # the server ended it (finish_reason "abort", a dropped stream)
+FILTERED = "filtered"  # finish_reason "content_filter"
+CANCELLED = "cancelled"  # the user stopped the run
+FAILED = "failed"  # no answer: the error says why
+THINKING_OPEN = "thinking_open"  # a thinking model's reasoning never closed (no answer after </think>)
+ENDINGS = (COMPLETE, CUT, ABORTED, FILTERED, CANCELLED, FAILED, THINKING_OPEN)
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -121,6 +132,8 @@ class GenerationResult:
     token_ids: list[list[int]] = field(default_factory=list)
     # One entry per answer when the request set ``per_answer_errors``: None, or why that answer has no text.
     errors: list[str | None] = field(default_factory=list)
+    # One entry per answer, from ENDINGS: how it ended. Empty only for results built before anything answered.
+    endings: list[str] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -128,6 +141,13 @@ class GenerationResult:
 
     def error_of(self, index: int) -> str | None:
         return self.errors[index] if index < len(self.errors) else None
+
+    def ending_of(self, index: int) -> str:
+        """How answer ``index`` ended; an answer the backend said nothing about counts as FAILED, never COMPLETE."""
+        return self.endings[index] if index < len(self.endings) else FAILED
+
+    def is_complete(self, index: int) -> bool:
+        return self.ending_of(index) == COMPLETE and self.error_of(index) is None
 
 
 @runtime_checkable
