@@ -1,9 +1,19 @@
 """Shared fixtures: tiny real-architecture models written to disk at test time, an isolated cache."""
 
+import os
 import pathlib
 import sys
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property-based tests: CI runs the deterministic, bounded "ci" profile (same examples every run, no deadline on a
+# shared 2-core machine); `QWENVL_FAST_HYPOTHESIS=long` explores at random, many more examples, by hand.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("long", deadline=None, print_blob=True, max_examples=1000,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("QWENVL_FAST_HYPOTHESIS", "ci"))
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for pack_path only: the engine's modules cannot be imported as plain modules
