@@ -259,10 +259,11 @@ def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_pat
     try:
         container = av.open(str(source) if isinstance(source, (str, Path)) else source)
     except (OSError, getattr(av, "FFmpegError", OSError)) as exc:
-        raise QwenVLError(f"Cannot open the video '{name}': {exc}") from exc
+        raise QwenVLError(f"Cannot open the video '{name}': {exc} (the file may be empty, cut off or not a "
+                          "video).") from exc
     with container:
         if not container.streams.video:
-            raise QwenVLError(f"'{name}' has no video stream.")
+            raise QwenVLError(f"'{name}' has no video stream (an empty or audio-only file?).")
         stream = container.streams.video[0]
         limit = max_image_pixels() if max_pixels is None else int(max_pixels)
         # The header's size, before the packet count below (which reads the whole file) and any decoding.
@@ -270,30 +271,55 @@ def load_video_file(source: str | Path | BinaryIO, max_frames: int, temporal_pat
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 24.0
-        total = int(stream.frames or 0)
-        if total <= 0:  # containers that do not record it: count the packets (no decoding)
-            total = sum(1 for packet in container.demux(stream) if packet.size)
-            container.seek(0)
-        wanted = sample_indices(max(total, 1), max_frames, temporal_patch_size)
-        frames, seen, decoded = _decode_frames(container, stream, wanted, name, limit)
-        if 0 < decoded <= wanted[-1]:
-            # The stream ended before the count its container claims (a cut-off download or recording): sampled
-            # and timed as the frames it has, as if its header had said so, or the clip's timestamps and
-            # second_per_grid_ts would stretch it by claimed / decoded.
-            log.info("[QwenVL-Fast] '%s' claims %d frames but %d decode; sampling those %d", name, total, decoded,
-                     decoded)
-            total = decoded
-            frames, seen = _resample(container, stream, sample_indices(total, max_frames, temporal_patch_size),
-                                     (frames, seen), name, limit)
+        try:
+            frames, seen, total = _sampled_frames(container, stream, name, limit, max_frames, temporal_patch_size,
+                                                  _frame_limit(stream, max_frames, temporal_patch_size))
+        except getattr(av, "FFmpegError", OSError) as exc:  # FFmpeg's own words ("Operation not permitted")
+            raise QwenVLError(f"Cannot decode the video '{name}' ({exc}): it may be empty or cut off; export it "
+                              "again.") from None
     if not frames:
-        raise QwenVLError(f"'{name}' has no decodable frames.")
+        raise QwenVLError(f"'{name}' has no decodable frames: it may be empty or cut off; export it again.")
     return VideoClip(torch.from_numpy(np.stack(frames)), fps, source_indices=seen, source_total=max(total, 1))
 
 
-def _decode_frames(container, stream, wanted: list[int], name: str = "the video",
-                   limit: int = 0) -> tuple[list[np.ndarray], list[int], int]:
-    """The ``wanted`` frames that decode (RGB), their indices, and how many frames were decoded: fewer than
-    ``max(wanted) + 1`` only when the stream ended first, and then exactly the stream's real frame count."""
+def _sampled_frames(container, stream, name: str, limit: int, max_frames: int, temporal_patch_size: int,
+                    frame_pixels: int) -> tuple[list[np.ndarray], list[int], int]:
+    """The sampled frames (each at most ``frame_pixels``), their indices and the stream's frame count."""
+    total = int(stream.frames or 0)
+    if total <= 0:  # containers that do not record it: count the packets (no decoding)
+        total = sum(1 for packet in container.demux(stream) if packet.size)
+        if total == 0:  # nothing to sample, and seeking an empty stream is an FFmpeg error
+            raise QwenVLError(f"'{name}' has no video frames (0 frames): it may be empty or cut off; export it "
+                              "again.")
+        container.seek(0)
+    wanted = sample_indices(total, max_frames, temporal_patch_size)
+    frames, seen, decoded = _decode_frames(container, stream, wanted, name, limit, frame_pixels)
+    if 0 < decoded <= wanted[-1]:
+        # The stream ended before the count its container claims (a cut-off download or recording): sampled
+        # and timed as the frames it has, as if its header had said so, or the clip's timestamps and
+        # second_per_grid_ts would stretch it by claimed / decoded.
+        log.info("[QwenVL-Fast] '%s' claims %d frames but %d decode; sampling those %d", name, total, decoded,
+                 decoded)
+        total = decoded
+        frames, seen = _resample(container, stream, sample_indices(total, max_frames, temporal_patch_size),
+                                 (frames, seen), name, limit, frame_pixels)
+    return frames, seen, total
+
+
+def _frame_limit(stream, max_frames: int, temporal_patch_size: int) -> int:
+    """The most pixels a sampled frame is kept at: twice the largest frame any preset makes of a clip of that many
+    frames (Qwen3's 32-pixel factor), so a long 4K clip is not held at full resolution (768 frames ~ 19 GB)."""
+    count = int(stream.frames or 0) or max_frames
+    patches = -(-min(max(count, 1), max_frames) // temporal_patch_size)
+    largest = max(clip_budget(preset, 32, patches)[0].max_pixels for preset in VIDEO_CLIP_TOKENS)
+    return 2 * largest
+
+
+def _decode_frames(container, stream, wanted: list[int], name: str = "the video", limit: int = 0,
+                   frame_pixels: int = 0) -> tuple[list[np.ndarray], list[int], int]:
+    """The ``wanted`` frames that decode (RGB, each downscaled to at most ``frame_pixels`` as it is decoded; 0: as
+    they are), their indices, and how many frames were decoded: fewer than ``max(wanted) + 1`` only when the
+    stream ended first, and then exactly the stream's real frame count."""
     targets = set(wanted)
     last = max(wanted)
     frames, seen = [], []
@@ -303,15 +329,25 @@ def _decode_frames(container, stream, wanted: list[int], name: str = "the video"
         if i in targets:
             # A stream may change size midway, past what its header said: checked before the RGB copy.
             check_pixel_limit(name, frame.width, frame.height, limit, "a video frame")
-            frames.append(frame.to_ndarray(format="rgb24"))
+            frames.append(_rgb(frame, frame_pixels))
             seen.append(i)
         if i >= last:
             break
     return frames, seen, decoded
 
 
+def _rgb(frame, frame_pixels: int) -> np.ndarray:
+    """A decoded frame as RGB, area-downscaled (aspect kept) when it is over ``frame_pixels`` (0: never)."""
+    width, height = int(frame.width), int(frame.height)
+    if frame_pixels <= 0 or width * height <= frame_pixels:
+        return frame.to_ndarray(format="rgb24")
+    scale = math.sqrt(frame_pixels / (width * height))
+    size = {"width": max(1, int(width * scale)), "height": max(1, int(height * scale))}
+    return frame.to_ndarray(format="rgb24", interpolation="AREA", **size)
+
+
 def _resample(container, stream, wanted: list[int], have: tuple[list[np.ndarray], list[int]], name: str,
-              limit: int) -> tuple[list[np.ndarray], list[int]]:
+              limit: int, frame_pixels: int = 0) -> tuple[list[np.ndarray], list[int]]:
     """The ``wanted`` frames, decoded again from the start; ``have`` (right in time, only fewer frames) when they
     already are those frames or the stream cannot seek back."""
     if have[1] == wanted:
@@ -320,7 +356,7 @@ def _resample(container, stream, wanted: list[int], have: tuple[list[np.ndarray]
 
     try:
         container.seek(0)
-        frames, seen, _ = _decode_frames(container, stream, wanted, name, limit)
+        frames, seen, _ = _decode_frames(container, stream, wanted, name, limit, frame_pixels)
     except (OSError, ValueError, getattr(av, "FFmpegError", OSError)) as exc:
         log.debug("[QwenVL-Fast] '%s' could not be decoded again (%s): keeping %d frames", name, exc, len(have[0]))
         return have
