@@ -224,6 +224,9 @@ def build_caption_parser() -> argparse.ArgumentParser:
     model.add_argument("--server-max-in-flight", type=int, default=ql.LoadOptions.server_max_in_flight,
                        help="requests kept in flight, so the server can batch them")
     model.add_argument("--server-upload-format", default="png", choices=["png", "jpeg"])
+    model.add_argument("--server-timeout", type=float, default=ql.LoadOptions.server_timeout_s,
+                       help="seconds one request may take, whole answer included (raise it for long answers on "
+                            "a slow server)")
     model.add_argument("--quantization", default="none", choices=ql.QUANTIZATION_CHOICES)
     model.add_argument("--attention", default="auto", choices=ql.ATTENTION_CHOICES)
     model.add_argument("--dtype", default="auto", choices=ql.DTYPE_CHOICES)
@@ -333,7 +336,7 @@ def caption_folder_main(argv: list[str]) -> int:
         model=args.model or "(served)", quantization=args.quantization, attention_mode=args.attention,
         dtype=args.dtype, device=args.device, compile_vision=args.compile_vision, backend=args.backend,
         server_url=args.server_url, server_model=args.server_model, server_max_in_flight=args.server_max_in_flight,
-        server_upload_format=args.server_upload_format)
+        server_upload_format=args.server_upload_format, server_timeout_s=args.server_timeout)
     stop = _StopOnSignal()
     request = ql.GenerationRequest(
         prompt=args.prompt, system_prompt=args.system_prompt, image_quality=args.quality,

@@ -30,7 +30,8 @@ CATEGORY = "Qwen-VL Fast"
 MODEL_TYPE = "QWENVL_MODEL"
 DEFAULT_COMPILE = "off"  # the benchmark decides; see README "Performance"
 LOADER_INPUTS = ("model", "quantization", "attention_mode", "dtype", "device", "compile_vision", "backend",
-                 "server_url", "server_model", "server_max_in_flight", "server_upload_format", "compile_decode")
+                 "server_url", "server_model", "server_max_in_flight", "server_upload_format", "compile_decode",
+                 "server_timeout_s")
 
 comfy_glue.connect()
 
@@ -111,7 +112,7 @@ ADVANCED_INPUTS = frozenset({
     "system_prompt", "enable_image_cache", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
     "batch_mode", "quantization", "attention_mode", "dtype", "device", "compile_vision", "compile_decode",
     "backend", "server_url", "server_model", "server_max_in_flight", "server_upload_format", "video_fps",
-    "max_frames",
+    "max_frames", "server_timeout_s",
 })
 
 
@@ -209,6 +210,16 @@ def _server_inputs() -> dict[str, tuple]:
     }
 
 
+def _timeout_input() -> dict[str, tuple]:
+    # Optional and LAST in the nodes that have it: workflows saved before it load unchanged, with the default.
+    return {
+        "server_timeout_s": ("FLOAT", {"default": ql.LoadOptions.server_timeout_s, "min": 1.0, "max": 86400.0,
+                                       "step": 1.0, **_tip(
+            "Seconds one server request may take, the whole answer included (backend 'server', .gguf models): "
+            "raise it for long answers on a slow server.")}),
+    }
+
+
 def _loader_extras() -> dict[str, tuple]:
     return {
         "dtype": (ql.DTYPE_CHOICES, {"default": "auto", **_tip("auto: bf16 on GPUs that support it, fp16 on older "
@@ -266,6 +277,7 @@ class QwenVLFastRun(_AnswerNode):
                 **_decode_inputs(),
                 **_video_widgets(),
                 **_structured_inputs(),
+                **_timeout_input(),
             }),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -324,7 +336,7 @@ class QwenVLFastLoadModel:
                 "keep_model_loaded": ("BOOLEAN", {"default": True, **_tip(
                     "Keep the model in memory after each Generate; off releases it after every run.")}),
             },
-            "optional": {**_server_inputs(), **_decode_inputs()},
+            "optional": {**_server_inputs(), **_decode_inputs(), **_timeout_input()},
         }
 
     def load(self, keep_model_loaded: bool, **inputs: Any) -> tuple[QwenVLHandle]:

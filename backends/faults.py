@@ -36,7 +36,8 @@ class Faults:
     def deadline(self, what: str, limit: float) -> AnswerError:
         return AnswerError(f"The server at {self.url} did not finish {what} within the {limit:g}s "
                            "deadline (server_timeout_s, for a whole request): it may be overloaded, stuck or "
-                           "still starting; raise server_timeout_s for long answers.")
+                           "still starting; raise server_timeout_s for long answers (Load Model's or the all-in-one "
+                           "node's server_timeout_s input, or --server-timeout on the command line).")
 
     def cut_off(self, tokens: int) -> AnswerError:
         return AnswerError(f"The answer from {self.url} was cut off: its stream ended after {tokens} tokens "
