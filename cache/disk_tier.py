@@ -22,6 +22,7 @@ from .location import CACHE_DIR_ENV, default_cache_dir
 log = logging.getLogger("QwenVL-Fast")
 
 DEFAULT_DISK_BYTES = 4 << 30  # 4 GiB
+ORPHAN_AGE_S = 3600.0  # an unlisted entry file older than this is no write in flight: swept at open
 
 
 @dataclass
@@ -52,6 +53,18 @@ def _bytes_only_disk_class():
             if mode == diskcache.core.MODE_PICKLE:
                 raise ValueError("refusing to unpickle a foreign disk-cache entry")
             return super().fetch(mode, filename, value, read)
+
+        def _write(self, full_path, iterator, mode, encoding=None):
+            # A write that fails (a full disk) leaves no partial .val file that the index does not list: nothing
+            # would ever evict it. A file that was there before (another writer's) is never removed.
+            existed = os.path.lexists(full_path)
+            try:
+                return super()._write(full_path, iterator, mode, encoding)
+            except BaseException:
+                if not existed:
+                    with contextlib.suppress(OSError):
+                        os.remove(full_path)
+                raise
 
     return BytesOnlyDisk
 
@@ -161,7 +174,31 @@ class DiskTier:
             self._cache = self._new_cache()
         except Exception as exc:  # read-only folder, no diskcache, corrupt index
             return _without_traceback(exc)
+        self._sweep_orphans()
         return None
+
+    def _sweep_orphans(self) -> int:
+        """Remove entry files the index does not list (left by a process that died or failed mid-write), once
+        they are older than ``ORPHAN_AGE_S``: a file younger than that may be another process's write in flight."""
+        try:
+            listed = {Path(row[0]).as_posix()
+                      for row in self._cache._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+        except Exception as exc:  # a busy or odd index: sweep another time
+            log.debug("[QwenVL-Fast] disk-cache orphan sweep skipped: %s", exc)
+            return 0
+        removed, cutoff = 0, time.time() - ORPHAN_AGE_S
+        for path in self.directory.glob("??/??/*.val"):
+            name = path.relative_to(self.directory).as_posix()
+            try:
+                if name not in listed and _is_entry_file(path, self.directory) and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        if removed:
+            log.info("[QwenVL-Fast] removed %d disk-cache files no index entry listed (left by a failed write)",
+                     removed)
+        return removed
 
     def _index_fails_its_check(self) -> bool:
         """Whether SQLite itself finds ``cache.db`` damaged (``PRAGMA quick_check`` fails or cannot run).
