@@ -177,3 +177,18 @@ def test_errors_do_not_echo_control_characters():
     text = str(caught.value)
     assert "\x1b" not in text and "\n" not in text and len(text) < 1200
     assert trust._shown("a\nb") == "a?b"
+
+
+# ------------------------------------------------------------------------------------- what a server says
+def test_a_servers_error_body_is_quoted_short_and_on_one_line():
+    """A workflow may point server_url at a local service: its answer must not come back whole in the error."""
+    from qwenvl_fast.backends.errors import MAX_SERVER_TEXT
+    from qwenvl_fast.backends.faults import Faults
+    from qwenvl_fast.backends.http_transport import Endpoint
+
+    secret = "root:x:0:0:root:/root:/bin/bash\n\x1b[2J" + "SECRET-" * 500
+    for body in (secret.encode(), b'{"error": {"message": "' + secret.encode("unicode_escape") + b'"}}'):
+        err = Faults(Endpoint.parse("http://127.0.0.1:9/v1")).status(500, None, body, "/chat/completions")
+        text = str(err)
+        assert "\n" not in text and "\x1b" not in text
+        assert text.count("SECRET-") * len("SECRET-") <= MAX_SERVER_TEXT <= 200
