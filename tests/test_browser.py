@@ -416,3 +416,33 @@ def test_template_browser_gets_a_picture_and_a_readable_title_per_example(page, 
         page.wait_for_timeout(2500)  # the card pictures load
         page.screenshot(path=str(Path(os.environ[SCREENSHOTS_ENV]) / "template-browser.jpg"), type="jpeg",
                         quality=85)
+
+
+def test_the_owner_can_keep_results_out_of_saved_workflows(page, server):
+    """By default the last answers are saved with the workflow (node properties: in every PNG saved afterwards);
+    with the setting off they are shown but never serialized (SECURITY.md)."""
+    setting = "QwenVLFast.KeepResultsInWorkflow"
+    workflow = json.loads((ROOT / "example_workflows" / "Caption an image.json").read_text())
+    serialized = "() => JSON.stringify(window.app.graph.serialize())"
+    try:
+        load_workflow(page, workflow, server)
+        entry = queue_and_wait(page, server, 1)
+        (node,) = pack_nodes(page)
+        answer = entry["outputs"][node["id"]]["text"][0]
+        assert answer and answer in node["shown"]
+        kept = [n.get("properties", {}).get(RESULT_WIDGET) for n in json.loads(page.evaluate(serialized))["nodes"]]
+        assert node["shown"] in kept  # kept by default: what SECURITY.md warns about
+        server.post(f"/settings/{setting}", False)
+        page.reload(wait_until="domcontentloaded")
+        open_app(page, server)
+        load_workflow(page, workflow, server, prompt="Another question about it?")
+        entry = queue_and_wait(page, server, 1)
+        (node,) = pack_nodes(page)
+        answer = entry["outputs"][node["id"]]["text"][0]
+        assert answer and answer in node["shown"]  # still shown on the node
+        saved = page.evaluate(serialized)
+        assert RESULT_WIDGET not in saved  # neither the property nor the widget's value
+        assert node["shown"] not in saved
+        assert page.problems == [], page.problems
+    finally:
+        server.post(f"/settings/{setting}", True)
