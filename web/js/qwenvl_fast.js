@@ -31,6 +31,16 @@ function keepResults() {
     }
 }
 
+// What a node saves when results are not kept: no property, and an empty value in the result box's place (older
+// frontends save every widget's value by position, whatever the widget's serialize flag says).
+function forgetResults(node, data) {
+    if (data?.properties) delete data.properties[PROPERTY];
+    const index = node.widgets?.findIndex((w) => w.name === WIDGET_NAME) ?? -1;
+    if (index >= 0 && Array.isArray(data?.widgets_values) && index < data.widgets_values.length) {
+        data.widgets_values[index] = "";
+    }
+}
+
 // Turned off: the results already kept in the open workflow go too.
 function dropKeptResults(keep) {
     if (keep !== false) return;
@@ -179,6 +189,13 @@ app.registerExtension({
             } catch (error) {
                 console.warn("[QwenVL-Fast] could not show the result on the node", error);
             }
+            return result;
+        };
+
+        const onSerialize = nodeType.prototype.onSerialize;
+        nodeType.prototype.onSerialize = function (data) {
+            const result = onSerialize?.apply(this, arguments);
+            if (!keepResults()) forgetResults(this, data);
             return result;
         };
 
