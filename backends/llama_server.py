@@ -326,7 +326,9 @@ class LlamaServerProcess:
         self.cache_ram_mb = cache_ram_mb if cache_ram_mb is not None else _env_int(CACHE_RAM_ENV,
                                                                                     DEFAULT_CACHE_RAM_MB, 0)
         self.binary = binary or llama_server_binary()
-        self.log_path = private_log_dir(log_dir) / f"llama-server-{self.model_file.stem[:80]}-{os.getpid()}.log"
+        self._log_dir = log_dir
+        self._log_name = f"llama-server-{self.model_file.stem[:80]}-{os.getpid()}.log"
+        self.log_path = private_log_dir(log_dir) / self._log_name  # checked again at every start
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
@@ -388,6 +390,7 @@ class LlamaServerProcess:
             return
         timeout = float(timeout if timeout is not None else _env_int(START_TIMEOUT_ENV, int(DEFAULT_START_TIMEOUT_S),
                                                                     1))
+        self.log_path = private_log_dir(self._log_dir) / self._log_name
         for attempt in range(3):  # a port taken between choosing it and the server binding it: choose again
             self.port = _free_port()
             self._launch()
