@@ -19,6 +19,7 @@ from . import qwenvl_loader as ql
 from .batch_caption import CAPTION_EXTENSIONS, EXISTING_MODES, CaptionOptions, caption_folder, folder_fingerprint
 from .batch_caption import summarize as summarize_captions
 from .comfyui_host import glue as comfy_glue
+from .comfyui_host import trust as comfy_trust
 from .core.api import BACKENDS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_VIDEO_FPS, UPLOAD_FORMATS, VideoClip
 from .embedding_cache import CACHE_DIR_ENV
 from .engine.structured import OUTPUT_FORMATS, TAGS_MAX_CHARS, TAGS_MAX_COUNT
@@ -38,7 +39,7 @@ comfy_glue.connect()
 
 def load_options(inputs: dict[str, Any]) -> ql.LoadOptions:
     """The loader inputs of a node as LoadOptions (workflows may only name models inside the LLM folders)."""
-    values = {k: inputs[k] for k in LOADER_INPUTS if k in inputs}
+    values = comfy_trust.allowed_server({k: inputs[k] for k in LOADER_INPUTS if k in inputs})
     values["device"] = comfy_glue.device_choice(values.get("device", "auto"))
     values.setdefault("compile_vision", DEFAULT_COMPILE)
     return ql.LoadOptions(**values, allow_absolute_path=False)
@@ -645,7 +646,7 @@ def _folder_path(folder: Any) -> Path:
         text = text[1:-1].strip()  # "Copy as path" on Windows adds quotes
     if not text:
         raise ql.QwenVLError("Caption Folder needs a folder: give the full path of the folder to caption.")
-    return Path(text)
+    return comfy_trust.allowed_folder(text)
 
 
 def _caption_settings(inputs: dict[str, Any]) -> dict[str, Any]:

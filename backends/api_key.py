@@ -1,10 +1,16 @@
 """The API key: read from ``$QWENVL_FAST_API_KEY`` only, sent only to the origins ``$QWENVL_FAST_API_KEY_ORIGINS``
-lists (never to an address a workflow alone names), and redacted from everything the pack shows or logs."""
+lists (never to an address a workflow alone names), and redacted from everything the pack shows or logs.
+
+A server the pack starts itself (``llama_server.py``) gets a fresh random key of its own at every start,
+registered here for its loopback origin only (:func:`register_server_key`) and forgotten when it stops: the
+pack sends it, nothing else on the machine has it."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import threading
 import urllib.parse
 
 from .errors import ServerError, clip
@@ -15,16 +21,43 @@ API_KEY_ENV = "QWENVL_FAST_API_KEY"
 API_KEY_ORIGINS_ENV = "QWENVL_FAST_API_KEY_ORIGINS"
 
 _WARNED_ORIGINS: set[str] = set()
+_SERVER_KEYS: dict[str, str] = {}  # origin -> key of a server this process started (llama-server)
+_SERVER_KEYS_LOCK = threading.Lock()
 
 
 def api_key() -> str:
     return os.environ.get(API_KEY_ENV, "").strip()
 
 
+def new_server_key() -> str:
+    """A fresh random key for a server the pack starts (256 bits, URL-safe: fits an HTTP header)."""
+    return secrets.token_urlsafe(32)
+
+
+def register_server_key(origin: str, key: str) -> None:
+    """Send ``key`` to ``origin`` (a server the pack started on loopback) until :func:`forget_server_key`."""
+    check_key(key)
+    with _SERVER_KEYS_LOCK:
+        _SERVER_KEYS[origin] = key
+
+
+def forget_server_key(origin: str) -> None:
+    with _SERVER_KEYS_LOCK:
+        _SERVER_KEYS.pop(origin, None)
+
+
+def _server_key(origin: str) -> str | None:
+    with _SERVER_KEYS_LOCK:
+        return _SERVER_KEYS.get(origin)
+
+
 def redact(text: str) -> str:
-    """``text`` with the API key (if any) replaced: nothing the pack shows or logs may carry it."""
-    key = api_key()
-    return text.replace(key, "***") if key else text
+    """``text`` with the API key and the pack's own servers' keys replaced: nothing shown or logged carries them."""
+    with _SERVER_KEYS_LOCK:
+        keys = [k for k in (api_key(), *_SERVER_KEYS.values()) if k]
+    for key in keys:
+        text = text.replace(key, "***")
+    return text
 
 
 def host_text(host: str) -> str:
@@ -73,7 +106,11 @@ def key_origins() -> set[str]:
 
 
 def key_for(origin: str) -> str | None:
-    """The key to send to ``origin``, or None (no key, or an origin the user did not list)."""
+    """The key to send to ``origin``: its own for a server the pack started, else ``$QWENVL_FAST_API_KEY`` for
+    an origin the user listed; None otherwise."""
+    own = _server_key(origin)
+    if own is not None:
+        return own
     key = api_key()
     if not key or origin not in key_origins():
         return None

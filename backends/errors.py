@@ -1,4 +1,8 @@
-"""The server backend's error types and the rules for quoting a server in them (bounded, never the raw body)."""
+"""The server backend's error types and the rules for quoting a server in them (bounded, never the raw body).
+
+What a server says is quoted in a short excerpt on one line, control characters replaced: an error message
+must not become a way to read whatever answers at an address (a workflow may name a local service), nor
+carry terminal escapes or fake log lines into ComfyUI's console."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 from ..core.errors import QwenVLError
 
 MAX_LISTED_NAMES = 20
-MAX_SERVER_TEXT = 500  # characters of the server's own words quoted in an error
+MAX_SERVER_TEXT = 200  # characters of the server's own words quoted in an error
 
 
 class ServerError(QwenVLError):
@@ -19,6 +23,10 @@ class AnswerError(ServerError):
 
 
 def clip(text: str, limit: int = MAX_SERVER_TEXT) -> str:
+    """``text`` on one line (control and other unprintable characters as '?'), at most ``limit`` characters."""
+    text = text[: limit + 1]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= limit else text[:limit] + " …"
 
 

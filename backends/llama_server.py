@@ -5,18 +5,25 @@ as ``<folder>/<file>.gguf`` (``sources/models.py``). Picking it makes a :class:`
 :class:`~backends.openai_server.ServerModel` (presets before upload, streaming, per-token progress, Cancel,
 answers in flight, the timing record) whose server is a :class:`LlamaServerProcess` that it owns:
 
-* the binary is ``$QWENVL_FAST_LLAMA_SERVER``, else ``llama-server`` on PATH; started on a free loopback port
-  (``--host 127.0.0.1``, never beyond loopback) with ``-m``, ``--mmproj``, a context length
-  (``$QWENVL_FAST_LLAMA_CONTEXT`` tokens per slot), one slot per ``server_max_in_flight`` sharing one KV buffer
-  (``--kv-unified``), a bounded prompt cache (``--cache-ram``, ``$QWENVL_FAST_LLAMA_CACHE_RAM_MB``) and its
-  output in a log file that every error about it names;
-* ready when ``/health`` answers 200; Cancel ends the wait (and the process);
+* the binary is ``$QWENVL_FAST_LLAMA_SERVER``, else ``llama-server`` on PATH; started (an argument list, no
+  shell) on a free loopback port (``--host 127.0.0.1``, never beyond loopback) with ``-m``, ``--mmproj``, a
+  context length (``$QWENVL_FAST_LLAMA_CONTEXT`` tokens per slot), one slot per ``server_max_in_flight`` sharing
+  one KV buffer (``--kv-unified``), a bounded prompt cache (``--cache-ram``, ``$QWENVL_FAST_LLAMA_CACHE_RAM_MB``)
+  and its output in a log file that every error about it names;
+* a fresh random API key at every start, given in llama-server's ``LLAMA_API_KEY`` environment variable (its
+  ``--api-key``; not on the command line, which every local user can read) and sent by the pack only: nothing
+  else on the machine can run inference on the model or read ``/slots``;
+* its log in a private per-user folder (``$QWENVL_FAST_LLAMA_LOG_DIR``, else ``<tmp>/qwenvl-fast-llama-<uid>``):
+  created 0700, its owner checked, files opened without following links (a link planted there by another user
+  must not redirect the log);
+* ready when ``/health`` answers 200; Cancel ends the wait and kills the process at once (each probe reads in
+  short slices, so a server that accepts ``/health`` and never answers does not hold Cancel up);
 * stopped when the model is released (Unload / ``POST /free``, ``keep_model_loaded`` off, another model
-  chosen: the model manager calls ``close()``), at interpreter exit, and, for a killed ComfyUI, by the kernel:
-  on Linux the server gets ``PR_SET_PDEATHSIG`` (SIGKILL) and is started from one long-lived thread (the
-  signal follows the thread that forked, not the process); elsewhere (or with ``$QWENVL_FAST_LLAMA_WATCHDOG=pipe``)
-  a watchdog process kills it when the pipe from the pack's process closes. It runs in its own process group so
-  a stop reaches anything it started;
+  chosen: the model manager calls ``close()``), at interpreter exit, and, for a killed ComfyUI: it runs in its
+  own process group, and a watchdog process kills that whole group when the pipe from the pack's process closes
+  (however the pack's process dies), so a ``$QWENVL_FAST_LLAMA_SERVER`` wrapper script that does not ``exec``
+  leaves nothing behind either. On Linux the direct child also gets ``PR_SET_PDEATHSIG`` (SIGKILL), started from
+  one long-lived thread (the signal follows the thread that forked, not the process);
 * a server that died between runs is started again by the next run; one that dies during a run fails that run
   with an error naming its log.
 
@@ -29,7 +36,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import http.client
 import logging
 import os
 import queue
@@ -50,8 +56,11 @@ import torch
 from ..core.api import GenerationRequest, GenerationResult, LoadOptions
 from ..core.errors import GenerationInterrupted, QwenVLError
 from ..sources.models import GGUF_SPLIT, GGUF_SUFFIX, is_gguf_projector
+from .api_key import forget_server_key, new_server_key, origin_text, register_server_key
 from .errors import ServerError
 from .openai_server import ServerModel
+from .private_log import LOG_DIR_ENV as LOG_DIR_ENV  # re-exported: the variable's home was here
+from .private_log import open_log, private_log_dir
 from .served_models import QWEN_MERGE_SIZE, QWEN_PATCH_SIZES
 from .uploads import Uploads
 
@@ -61,8 +70,7 @@ LLAMA_SERVER_ENV = "QWENVL_FAST_LLAMA_SERVER"
 CONTEXT_ENV = "QWENVL_FAST_LLAMA_CONTEXT"
 CACHE_RAM_ENV = "QWENVL_FAST_LLAMA_CACHE_RAM_MB"
 START_TIMEOUT_ENV = "QWENVL_FAST_LLAMA_START_TIMEOUT"
-WATCHDOG_ENV = "QWENVL_FAST_LLAMA_WATCHDOG"  # auto (Linux: parent-death signal; elsewhere: pipe) or pipe
-LOG_DIR_ENV = "QWENVL_FAST_LLAMA_LOG_DIR"
+WATCHDOG_ENV = "QWENVL_FAST_LLAMA_WATCHDOG"  # auto (the pipe watchdog, plus on Linux the parent-death signal) or pipe
 RELEASES_URL = "https://github.com/ggml-org/llama.cpp/releases"
 # Tokens of context per answer in flight (slot): a 1024-token image, a system prompt and a long answer. The KV
 # buffer is shared (--kv-unified), so one answer may use more while the others are idle.
@@ -70,6 +78,10 @@ DEFAULT_CONTEXT_PER_SLOT = 4096
 DEFAULT_CACHE_RAM_MB = 1024  # llama-server's prompt cache grows with requests without a bound (facts file)
 DEFAULT_START_TIMEOUT_S = 600.0  # loading a large model from a cold disk
 HEALTH_POLL_S = 0.1
+HEALTH_SLICE_S = 0.1  # a /health probe reads in slices this long, checking Cancel between them
+HEALTH_PROBE_S = 5.0  # a probe with no answer by then counts as "not ready" (the start deadline still holds)
+CANCEL_WAIT_S = 1.0  # a cancelled start is killed outright and reaped within this
+SERVER_KEY_ENV = "LLAMA_API_KEY"  # llama-server's own variable for --api-key (kept off the command line)
 MAX_LOG_BYTES = 16 << 20  # checked at each start: a log past it becomes <name>.log.1
 STOP_GRACE_S = 5.0
 _PATCH_KEY = "clip.vision.patch_size"
@@ -248,9 +260,10 @@ class _Spawner:
 
 _SPAWNER = _Spawner()
 
-# The pipe watchdog (macOS, Windows; Linux with $QWENVL_FAST_LLAMA_WATCHDOG=pipe): a small Python process in its own
-# session that reads its stdin, a pipe whose only writer is the pack's process. The read returns at EOF, which the
-# OS delivers when that process dies however it dies; then the server's process group (Windows: tree) is killed.
+# The pipe watchdog (every platform; on Linux the parent-death signal also ends the direct child): a small Python
+# process in its own session that reads its stdin, a pipe whose only writer is the pack's process. The read returns
+# at EOF, which the OS delivers when that process dies however it dies; then the server's process group (Windows:
+# tree) is killed: a wrapper script and everything it started, not only the direct child.
 # A normal stop() kills the watchdog first, so it never acts on a pid that may have been reused.
 _WATCHDOG_SOURCE = """
 import os, signal, subprocess, sys
@@ -313,8 +326,9 @@ class LlamaServerProcess:
         self.cache_ram_mb = cache_ram_mb if cache_ram_mb is not None else _env_int(CACHE_RAM_ENV,
                                                                                     DEFAULT_CACHE_RAM_MB, 0)
         self.binary = binary or llama_server_binary()
-        base = Path(log_dir or os.environ.get(LOG_DIR_ENV) or self._default_log_dir())
-        self.log_path = base / f"llama-server-{self.model_file.stem[:80]}-{os.getpid()}.log"
+        self._log_dir = log_dir
+        self._log_name = f"llama-server-{self.model_file.stem[:80]}-{os.getpid()}.log"
+        self.log_path = private_log_dir(log_dir) / self._log_name  # checked again at every start
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
@@ -324,15 +338,13 @@ class LlamaServerProcess:
         self.watchdog: subprocess.Popen | None = None
         self._log_file: Any = None
 
-    @staticmethod
-    def _default_log_dir() -> Path:
-        import tempfile
-
-        return Path(tempfile.gettempdir()) / "qwenvl-fast-llama"
-
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def origin(self) -> str:
+        return origin_text("http", "127.0.0.1", self.port)
 
     @property
     def pid(self) -> int | None:
@@ -352,19 +364,19 @@ class LlamaServerProcess:
 
     def log_tail(self, chars: int = 1500) -> str:
         try:
-            with open(self.log_path, "rb") as f:
+            with open_log(self.log_path, append=False) as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - chars))
                 return f.read().decode("utf-8", "replace").strip()
-        except OSError:
+        except (OSError, QwenVLError):
             return ""
 
     def _log_since_launch(self) -> str:
         try:
-            with open(self.log_path, "rb") as f:
+            with open_log(self.log_path, append=False) as f:
                 f.seek(self._log_start)
                 return f.read(1 << 20).decode("utf-8", "replace")
-        except OSError:
+        except (OSError, QwenVLError):
             return ""
 
     def died_error(self, when: str) -> ServerError:
@@ -378,7 +390,7 @@ class LlamaServerProcess:
             return
         timeout = float(timeout if timeout is not None else _env_int(START_TIMEOUT_ENV, int(DEFAULT_START_TIMEOUT_S),
                                                                     1))
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = private_log_dir(self._log_dir) / self._log_name
         for attempt in range(3):  # a port taken between choosing it and the server binding it: choose again
             self.port = _free_port()
             self._launch()
@@ -392,14 +404,15 @@ class LlamaServerProcess:
 
     def _launch(self) -> None:
         with contextlib.suppress(OSError):  # a long session's log is kept to about twice MAX_LOG_BYTES
-            if self.log_path.stat().st_size > MAX_LOG_BYTES:
+            if os.lstat(self.log_path).st_size > MAX_LOG_BYTES:
                 os.replace(self.log_path, self.log_path.with_suffix(".log.1"))
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed by stop())
+        self._log_file = open_log(self.log_path)
         self._log_file.write(f"\n=== QwenVL-Fast: {' '.join(self.command())}\n".encode())
         self._log_file.flush()
         self._log_start = self._log_file.tell()
+        key = new_server_key()  # fresh at every start; in the environment, never on the command line
         kwargs: dict[str, Any] = dict(stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      cwd=str(self.log_path.parent))
+                                      cwd=str(self.log_path.parent), env={**os.environ, SERVER_KEY_ENV: key})
         if os.name == "posix":
             kwargs["start_new_session"] = True  # its own process group: stop() reaches all of it
             preexec = _linux_die_with_parent(os.getpid()) if self.watchdog_mode == "auto" else None
@@ -414,12 +427,12 @@ class LlamaServerProcess:
             raise QwenVLError(f"Cannot start llama-server '{self.binary}' ({exc}): set ${LLAMA_SERVER_ENV} to a "
                               f"llama-server built for this machine ({RELEASES_URL}).") from None
         _LIVE.add(self)
-        if self.watchdog_mode == "pipe":
-            try:
-                self.watchdog = _start_watchdog(self.proc.pid)
-            except OSError as exc:  # the server runs; only a killed ComfyUI would leave it behind
-                log.warning("[QwenVL-Fast] could not start the llama-server watchdog (%s): a killed ComfyUI may "
-                            "leave the server running", exc)
+        register_server_key(self.origin, key)
+        try:  # in every mode: the parent-death signal reaches only the direct child, not a wrapper's children
+            self.watchdog = _start_watchdog(self.proc.pid)
+        except OSError as exc:  # the server runs; only a killed ComfyUI would leave it behind
+            log.warning("[QwenVL-Fast] could not start the llama-server watchdog (%s): a killed ComfyUI may "
+                        "leave the server running", exc)
         self._began = time.monotonic()
         log.info("[QwenVL-Fast] started llama-server (pid %d) for %s on 127.0.0.1:%d; log: %s", self.proc.pid,
                  self.model_file.name, self.port, self.log_path)
@@ -433,10 +446,9 @@ class LlamaServerProcess:
                 error = self.died_error("while starting")
                 self.stop()
                 raise error
-            if should_stop is not None and should_stop():
-                self.stop()
+            if self._cancelled(should_stop):
                 raise GenerationInterrupted("Loading was interrupted (llama-server stopped).")
-            if self._healthy():
+            if self._healthy(should_stop):
                 self.start_seconds = time.monotonic() - self._began
                 log.info("[QwenVL-Fast] llama-server ready in %.1fs", self.start_seconds)
                 return
@@ -446,17 +458,35 @@ class LlamaServerProcess:
                                   f"{timeout:g}s (${START_TIMEOUT_ENV}); its log is {self.log_path}.")
             time.sleep(HEALTH_POLL_S)
 
-    def _healthy(self) -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2.0)
-        try:
-            conn.request("GET", "/health")
-            resp = conn.getresponse()
-            resp.read(4096)
-            return resp.status == 200  # 503 while the model loads
-        except (OSError, http.client.HTTPException):
+    def _cancelled(self, should_stop: Callable[[], bool] | None) -> bool:
+        """Cancel asked: the starting server is killed outright (it holds nothing worth a graceful stop)."""
+        if should_stop is None or not should_stop():
             return False
-        finally:
-            conn.close()
+        self.stop(grace=0.0)
+        return True
+
+    def _healthy(self, should_stop: Callable[[], bool] | None = None) -> bool:
+        """``GET /health`` answered 200 (503 while the model loads). Read in short slices with Cancel checked
+        between them, so a server that accepts the connection and never answers cannot hold Cancel up."""
+        deadline = time.monotonic() + HEALTH_PROBE_S
+        try:
+            with socket.create_connection(("127.0.0.1", int(self.port or 0)), timeout=HEALTH_SLICE_S) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                head = b""
+                while b"\r\n" not in head and len(head) < 4096:
+                    if (should_stop is not None and should_stop()) or time.monotonic() > deadline:
+                        return False
+                    try:
+                        chunk = sock.recv(4096)
+                    except TimeoutError:
+                        continue
+                    if not chunk:
+                        break
+                    head += chunk
+        except OSError:
+            return False
+        parts = head.split(b"\r\n", 1)[0].split()
+        return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1] == b"200"
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """Terminate its process group, then kill it. Safe to call twice, from any thread."""
@@ -466,11 +496,15 @@ class LlamaServerProcess:
             with contextlib.suppress(OSError):
                 watchdog.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                watchdog.wait(timeout=grace)
+                watchdog.wait(timeout=max(grace, CANCEL_WAIT_S))
             with contextlib.suppress(OSError):
                 watchdog.stdin.close()
         if proc is not None:
-            if proc.poll() is None:
+            if proc.poll() is None and grace <= 0:
+                self._signal(proc, getattr(signal, "SIGKILL", signal.SIGTERM))
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=CANCEL_WAIT_S)
+            elif proc.poll() is None:
                 self._signal(proc, signal.SIGTERM)
                 try:
                     proc.wait(timeout=grace)
@@ -483,6 +517,8 @@ class LlamaServerProcess:
                     os.killpg(proc.pid, signal.SIGKILL)
             log.info("[QwenVL-Fast] stopped llama-server (pid %d)", proc.pid)
         _LIVE.discard(self)
+        if self.port is not None:
+            forget_server_key(self.origin)
         self._close_log()
 
     @staticmethod

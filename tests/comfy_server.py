@@ -256,6 +256,9 @@ class ComfyServer(ServerLog):
                 "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONDONTWRITEBYTECODE": "1",
+                # The tests' folders live in this scratch folder, outside ComfyUI's input/output/user folders:
+                # the owner lists it, as a user would (core/trust.py). A test may list other roots instead.
+                "QWENVL_FAST_FOLDER_ROOTS": str(self.work_dir),
             }
         )
         env.update(self.extra_env)

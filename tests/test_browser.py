@@ -416,3 +416,43 @@ def test_template_browser_gets_a_picture_and_a_readable_title_per_example(page, 
         page.wait_for_timeout(2500)  # the card pictures load
         page.screenshot(path=str(Path(os.environ[SCREENSHOTS_ENV]) / "template-browser.jpg"), type="jpeg",
                         quality=85)
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [s for v in value for s in _strings(v)] if isinstance(value, list) else []
+
+
+def test_the_owner_can_keep_results_out_of_saved_workflows(page, server):
+    """By default the last answers are saved with the workflow (node properties and, in older frontends, the
+    result box's widget value: in every PNG saved afterwards); with the setting off they are shown but never
+    serialized (SECURITY.md)."""
+    setting = "QwenVLFast.KeepResultsInWorkflow"
+    workflow = json.loads((ROOT / "example_workflows" / "Caption an image.json").read_text())
+    saved_strings = "() => window.app.graph.serialize()"
+    try:
+        load_workflow(page, workflow, server)
+        entry = queue_and_wait(page, server, 1)
+        (node,) = pack_nodes(page)
+        answer = entry["outputs"][node["id"]]["text"][0]
+        assert answer and answer in node["shown"]
+        assert any(answer in s for s in _strings(page.evaluate(saved_strings)))  # kept: what SECURITY.md warns of
+        server.post(f"/settings/{setting}", False)
+        page.reload(wait_until="domcontentloaded")
+        open_app(page, server)
+        load_workflow(page, workflow, server, prompt="Another question about it?")
+        entry = queue_and_wait(page, server, 1)
+        (node,) = pack_nodes(page)
+        answer = entry["outputs"][node["id"]]["text"][0]
+        assert answer and answer in node["shown"]  # still shown on the node
+        saved = page.evaluate(saved_strings)
+        # The timing line is unique to this run; the answer too unless the tiny model said almost nothing.
+        needles = [node["shown"].splitlines()[0]] + ([answer] if len(answer.strip()) >= 8 else [])
+        assert not [s for s in _strings(saved) if any(n in s for n in needles)]
+        assert all(RESULT_WIDGET not in (n.get("properties") or {}) for n in saved["nodes"])
+        assert page.problems == [], page.problems
+    finally:
+        server.post(f"/settings/{setting}", True)

@@ -685,3 +685,118 @@ def test_gguf_model_runs_and_free_stops_its_llama_server(comfy_server, gguf_root
         time.sleep(0.1)
     assert not llama_server_pids(str(folder)), "POST /free left the llama-server running"
     assert comfy_server.alive()
+
+
+# ----------------------------------------------------------------- a shared workflow is untrusted input (SECURITY.md)
+class _Owner:
+    """A ComfyUI whose owner listed one folder and one server origin, a scripted loopback server that counts every
+    connection it accepts, and pictures inside and outside the listed folder."""
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    reason = comfyui_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    from scripted_server import Reply, ScriptedServer
+
+    o = _Owner()
+    o.scripted = ScriptedServer(lambda srv, body: Reply(["a caption"])).start()
+    o.connections = []
+    accept = o.scripted.process_request
+
+    def counted(request, client_address):
+        o.connections.append(client_address)
+        return accept(request, client_address)
+
+    o.scripted.process_request = counted
+    port = o.scripted.server_address[1]
+    base = tmp_path_factory.mktemp("owner")
+    o.listed, o.outside = _pictures(base / "listed", 2, 41), _pictures(base / "outside", 2, 42)
+    # A name that is not loopback as written but resolves to 127.0.0.1 (inet_aton's decimal form, no DNS): the
+    # listed origin; 127.1 (also 127.0.0.1 to the resolver) is not listed. Without the check, both would connect.
+    o.listed_url, o.unlisted_url = f"http://2130706433:{port}/v1", f"http://127.1:{port}/v1"
+    o.loopback_url = f"http://127.0.0.1:{port}/v1"
+    o.server = ComfyServer(env={"QWENVL_FAST_FOLDER_ROOTS": str(o.listed),
+                                "QWENVL_FAST_SERVER_ORIGINS": f"http://2130706433:{port}"})
+    try:
+        o.server.start()
+        o.load_info = o.server.object_info("QwenVLFast_LoadModel")
+        o.caption_info = o.server.object_info("QwenVLFast_CaptionFolder")
+        yield o
+    finally:
+        o.server.stop()
+        o.server.cleanup()
+        o.scripted.stop()
+
+
+def _pictures(folder, count: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8)).save(folder / f"pic{i}.png")
+    return folder
+
+
+def _caption_graph(o: _Owner, folder, server_url: str) -> dict:
+    inputs = _widget_defaults(o.caption_info)
+    inputs.update(qwenvl_model=["3", 0], folder=str(folder), image_quality="fast", max_new_tokens=4,
+                  write_txt=True, overwrite=True)
+    return {
+        "3": {"class_type": "QwenVLFast_LoadModel",
+              "inputs": {**_widget_defaults(o.load_info), "model": _model_choice(o.load_info, TINY),
+                         "backend": "server", "server_url": server_url, "server_max_in_flight": 1}},
+        "7": {"class_type": "QwenVLFast_CaptionFolder", "inputs": inputs},
+    }
+
+
+def _listing(folder) -> list[tuple[str, int]]:
+    return sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+
+
+def _refused(o: _Owner, folder, server_url: str, variable: str) -> str:
+    before, bodies = _listing(o.outside), len(o.scripted.bodies)
+    entry = o.server.run(_caption_graph(o, folder, server_url), timeout=300)
+    error = execution_error(entry)
+    assert error is not None, f"the workflow was not refused: {entry.get('status')}"
+    message = error.get("exception_message", "")
+    assert variable in message, message
+    assert len(o.scripted.bodies) == bodies, "a picture was sent"
+    assert _listing(o.outside) == before, "something was written beside the pictures"
+    assert o.server.alive()
+    return message
+
+
+def test_a_workflow_naming_a_folder_outside_the_roots_is_refused(owner):
+    message = _refused(owner, owner.outside, owner.loopback_url, "QWENVL_FAST_FOLDER_ROOTS")
+    assert str(owner.outside) in message
+
+
+def test_a_link_inside_an_allowed_root_that_leads_out_is_refused(owner):
+    link = owner.server.input_dir / "escape"
+    link.symlink_to(owner.outside, target_is_directory=True)
+    message = _refused(owner, link, owner.loopback_url, "QWENVL_FAST_FOLDER_ROOTS")
+    assert "leads to" in message
+
+
+def test_a_server_the_owner_did_not_list_gets_no_connection(owner):
+    connections = len(owner.connections)
+    message = _refused(owner, owner.listed, owner.unlisted_url, "QWENVL_FAST_SERVER_ORIGINS")
+    assert "http://127.1:" in message
+    assert len(owner.connections) == connections, "the unlisted server was contacted"
+    assert not list(owner.listed.glob("*.txt"))
+
+
+def test_the_same_workflows_run_once_the_owner_lists_them(owner):
+    connections, bodies = len(owner.connections), len(owner.scripted.bodies)
+    entry = owner.server.run(_caption_graph(owner, owner.listed, owner.listed_url), timeout=300)
+    _assert_success(entry, owner.server)
+    assert len(owner.connections) > connections and len(owner.scripted.bodies) == bodies + 2
+    assert sorted(p.name for p in owner.listed.glob("*.txt")) == ["pic0.txt", "pic1.txt"]
+    # ComfyUI's own input folder is allowed without any listing.
+    inside = _pictures(owner.server.input_dir / "set", 1, 43)
+    _assert_success(owner.server.run(_caption_graph(owner, inside, owner.loopback_url), timeout=300), owner.server)
+    assert (inside / "pic0.txt").is_file()

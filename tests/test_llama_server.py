@@ -26,6 +26,7 @@ import torch
 from llama_fixture import MODEL_FOLDER, REPO_ROOT, gguf_root, llama_server_pids, process_running  # noqa: F401 (fixture)
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.backends.errors import AnswerError
+from qwenvl_fast.backends.http_transport import Endpoint, request_headers
 from qwenvl_fast.backends.llama_server import LLAMA_SERVER_ENV, RELEASES_URL, LlamaServerModel
 from qwenvl_fast.backends.openai_server import ServerModel, is_llama_cpp
 from qwenvl_fast.backends.streams import TAGS_GBNF, chat_body
@@ -122,7 +123,8 @@ def test_presets_change_the_servers_prompt_tokens_as_computed(manager: ql.ModelM
 def _slots_busy(port: int) -> list[bool]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("GET", "/slots")
+        # The pack's own key for this server (it answers 401 without it).
+        conn.request("GET", "/slots", headers=request_headers(Endpoint.parse(f"http://127.0.0.1:{port}/v1")))
         return [bool(s.get("is_processing")) for s in json.loads(conn.getresponse().read())]
     finally:
         conn.close()
@@ -413,3 +415,37 @@ def test_the_pipe_watchdog_goes_with_a_normal_stop(manager: ql.ModelManager, mon
     assert watchdog is not None and watchdog.poll() is None
     manager.release()
     assert _gone(pid) and watchdog.poll() is not None
+
+
+def _status(port: int, method: str, path: str, headers: dict | None = None, body: bytes | None = None) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_the_server_answers_401_without_the_packs_key(manager: ql.ModelManager) -> None:
+    """Another local user or process cannot run inference on the model or read /slots: the key is fresh at each
+    start, lives only in the pack's process (and the server's environment), and a wrong one is refused too."""
+    ql.run_once(ql.LoadOptions(model=F16), _request(max_new_tokens=2), manager=manager)
+    process = manager.current.process
+    port = process.port
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    json_type = {"Content-Type": "application/json"}
+    assert _status(port, "GET", "/health") == 200  # public in llama-server: the pack's readiness probe
+    assert _status(port, "GET", "/slots") == 401
+    assert _status(port, "POST", "/v1/chat/completions", json_type, chat) == 401
+    assert _status(port, "POST", "/completion", json_type, b'{"prompt": "hi", "n_predict": 2}') == 401
+    wrong = {**json_type, "Authorization": "Bearer not-the-key"}
+    assert _status(port, "POST", "/v1/chat/completions", wrong, chat) == 401
+    own = request_headers(Endpoint.parse(process.url))
+    assert _status(port, "GET", "/slots", own) == 200
+    assert own["Authorization"][7:] not in Path(f"/proc/{process.pid}/cmdline").read_text(errors="replace")
+    first = own["Authorization"]
+    manager.release()
+    ql.run_once(ql.LoadOptions(model=F16), _request(max_new_tokens=2), manager=manager)
+    assert request_headers(Endpoint.parse(manager.current.process.url))["Authorization"] != first

@@ -12,6 +12,43 @@ const WIDGET_NAME = "qwenvl_fast_result";
 // Kept in the node's properties (saved with the workflow), not in widgets_values: values are matched to widgets
 // by position, so an extra value would shift nothing today but would sit where a future optional input goes.
 const PROPERTY = "qwenvl_fast_result";
+// Results kept in node properties travel with every saved workflow, and so inside every PNG ComfyUI saves
+// afterwards: a shared picture shares the last answers. The owner turns that off here (SECURITY.md).
+const KEEP_SETTING = "QwenVLFast.KeepResultsInWorkflow";
+const KEEP_SETTING_NAME = "Qwen-VL Fast: keep the last results in saved workflows (and so in every saved PNG)";
+const KEEP_SETTING_TIP = "Off: each node still shows its result, but it is not saved with the workflow, not in " +
+    "the PNGs ComfyUI saves, and not shown again after a reload.";
+
+function keepResults() {
+    try {
+        const modern = app.extensionManager?.setting?.get;
+        const value = modern ? app.extensionManager.setting.get(KEEP_SETTING)
+            : app.ui?.settings?.getSettingValue?.(KEEP_SETTING, true);
+        return value !== false;
+    } catch (error) {
+        console.debug("QwenVL-Fast: settings not readable", error);
+        return true;
+    }
+}
+
+// What a node saves when results are not kept: no property, and an empty value in the result box's place (older
+// frontends save every widget's value by position, whatever the widget's serialize flag says).
+function forgetResults(node, data) {
+    if (data?.properties) delete data.properties[PROPERTY];
+    const index = node.widgets?.findIndex((w) => w.name === WIDGET_NAME) ?? -1;
+    if (index >= 0 && Array.isArray(data?.widgets_values) && index < data.widgets_values.length) {
+        data.widgets_values[index] = "";
+    }
+}
+
+// Turned off: the results already kept in the open workflow go too.
+function dropKeptResults(keep) {
+    if (keep !== false) return;
+    for (const node of app.graph?._nodes ?? []) {
+        if (PACK_NODES.has(node.type) && node.properties) delete node.properties[PROPERTY];
+    }
+    markWorkflowChanged();
+}
 
 function strings(message, key) {
     const value = message?.[key];
@@ -77,7 +114,11 @@ function showOnNode(node, text, { restoring = false } = {}) {
     const box = widget.inputEl ?? widget.element;
     if (box && "value" in box) box.value = text;
     node.properties = node.properties ?? {};
-    node.properties[PROPERTY] = text;
+    if (keepResults()) {
+        node.properties[PROPERTY] = text;
+    } else {
+        delete node.properties[PROPERTY];
+    }
     const wanted = node.computeSize?.();
     if (wanted && node.size && (wanted[1] > node.size[1] || wanted[0] > node.size[0])) {
         node.setSize?.([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1])]);
@@ -115,9 +156,22 @@ async function showCachedResults(promptId, nodeIds) {
     }
 }
 
+const KEEP_SETTING_SPEC = {
+    id: KEEP_SETTING,
+    name: KEEP_SETTING_NAME,
+    tooltip: KEEP_SETTING_TIP,
+    type: "boolean",
+    defaultValue: true,
+    onChange: (value) => dropKeptResults(value),
+};
+
 app.registerExtension({
     name: "QwenVLFast.ShowResults",
+    settings: [KEEP_SETTING_SPEC],  // frontends with a settings API (1.x); the March-2024 UI ignores it
     setup() {
+        if (!app.extensionManager?.setting && app.ui?.settings?.addSetting) {
+            app.ui.settings.addSetting(KEEP_SETTING_SPEC);  // the March-2024 UI
+        }
         api.addEventListener("execution_cached", (event) => {
             const detail = event?.detail ?? {};
             showCachedResults(detail.prompt_id, (detail.nodes ?? []).map(String));
@@ -135,6 +189,13 @@ app.registerExtension({
             } catch (error) {
                 console.warn("[QwenVL-Fast] could not show the result on the node", error);
             }
+            return result;
+        };
+
+        const onSerialize = nodeType.prototype.onSerialize;
+        nodeType.prototype.onSerialize = function (data) {
+            const result = onSerialize?.apply(this, arguments);
+            if (!keepResults()) forgetResults(this, data);
             return result;
         };
 
