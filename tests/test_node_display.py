@@ -93,7 +93,8 @@ def test_all_in_one_node_keeps_its_input_order_and_folds_the_rare_ones(nodes):
     flagged = {name for section in ("required", "optional") for name, (_, opts) in spec[section].items()
                if opts.get("advanced")}
     compact = set(nodes.QwenVLFastAsk.INPUT_TYPES()["required"]) | {"image", "video", "video_clip"}
-    assert flagged == set(RUN_INPUT_ORDER) - compact
+    assert list(spec["optional"])[-1] == "server_timeout_s"  # added last: saved workflows keep their widgets
+    assert flagged == (set(RUN_INPUT_ORDER) | {"server_timeout_s"}) - compact
 
 
 def test_compact_node_answers_like_the_all_in_one_node_with_defaults(nodes):
