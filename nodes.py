@@ -2,7 +2,7 @@
 
 Inputs become one ``LoadOptions`` and one ``GenerationRequest`` and go through ``qwenvl_loader.run_once``
 (or the folder captioner, which uses it too). What ties the engine to ComfyUI (model folders, model
-manager, interrupt, progress) is in ``comfy_glue.py``.
+manager, interrupt, progress) is in ``comfyui_host/glue.py``.
 """
 
 from __future__ import annotations

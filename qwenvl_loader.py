@@ -152,7 +152,7 @@ def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = No
     loaded.identity_seconds = identity_s
     loaded.dtype_summary = parts.summary() if parts is not None else ""
     if attention == "sdpa" and os.environ.get("QWENVL_FAST_GROUPED_VISION_ATTENTION", "1") != "0":
-        # Same arithmetic as transformers' per-window SDPA loop, in a few batched calls (vision_attention.py).
+        # Same arithmetic as transformers' per-window SDPA loop, in a few batched calls (vision/attention.py).
         if vision_attention.enable_grouped_vision_attention(model):
             loaded.vision_attention = "grouped sdpa"
     if options.compile_vision != "off":
@@ -163,7 +163,7 @@ def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = No
 class ModelManager:
     """Keeps one model loaded; a different request releases the previous one first.
 
-    Hooks let a host (ComfyUI, see ``comfy_model_manager.py``) follow the model's life without the
+    Hooks let a host (ComfyUI, see ``comfyui_host/model_manager.py``) follow the model's life without the
     engine importing it: ``before_load(options)`` to make room, ``on_load(model)`` right after a load,
     ``on_release(model)`` right after a release. A failing hook is logged, never raised.
     """
