@@ -55,6 +55,8 @@ def demo_image(height: int = 768, width: int = 1024) -> torch.Tensor:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        usage=("%(prog)s [--model M] [--image FILE ...] [--prompt TEXT] [options]\n"
+               f"       %(prog)s {CAPTION_COMMAND} FOLDER --model M [options]   (%(prog)s {CAPTION_COMMAND} --help)"),
         description="Qwen-VL Fast on image files (the ComfyUI node's engine).",
         epilog="To caption every image of a folder (the Caption Folder node): python cli.py caption-folder FOLDER "
                "--model M [options]; see python cli.py caption-folder --help.")
@@ -126,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return caption_folder_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_libraries()
     try:
         videos = [load_video_file(Path(args.video), args.max_frames)] if args.video else []
     except ql.QwenVLError as exc:
@@ -173,6 +174,21 @@ def main(argv: list[str] | None = None) -> int:
               "that produced them and its timings are real. For real answers give --model a model folder or a "
               "Qwen/... repo id.")
     return 0  # the engine also logged its one-line timing summary and any tips
+
+
+def _quiet_libraries() -> None:
+    """The command line's output is the answer and one timing report: the libraries' log lines and their
+    progress bars (transformers' "Loading weights", huggingface_hub's downloads) would bury it."""
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):  # an older transformers / huggingface_hub without these switches
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.disable_progress_bar()
+    with contextlib.suppress(Exception):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def _why_no_text(ids: list[int]) -> str:
@@ -307,8 +323,7 @@ def caption_folder_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
     logging.getLogger("QwenVL-Fast").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    for noisy in ("transformers", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_libraries()
 
     def usage(message: str) -> int:
         print(f"{parser.prog}: error: {message}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 Inputs become one ``LoadOptions`` and one ``GenerationRequest`` and go through ``qwenvl_loader.run_once``
 (or the folder captioner, which uses it too). What ties the engine to ComfyUI (model folders, model
-manager, interrupt, progress) is in ``comfy_glue.py``.
+manager, interrupt, progress) is in ``comfyui_host/glue.py``.
 """
 
 from __future__ import annotations
@@ -223,8 +223,10 @@ def _timeout_input() -> dict[str, tuple]:
 
 def _loader_extras() -> dict[str, tuple]:
     return {
-        "dtype": (ql.DTYPE_CHOICES, {"default": "auto", **_tip("auto: bf16 on GPUs that support it, fp16 on older "
-                                                               "GPUs, fp32 on CPU.")}),
+        "dtype": (ql.DTYPE_CHOICES, {"default": "auto", **_tip(
+            "auto: bf16 on GPUs that support it, fp16 on older GPUs; on a CPU, fp32 unless it computes bf16 natively "
+            "(AMX / AVX512-BF16), then each part (vision tower, text, lm_head) in the dtype a short probe measured "
+            "faster there. The timing says what ran in which dtype.")}),
         "device": (ql.DEVICE_CHOICES, {"default": "auto", **_tip("auto: ComfyUI's device.")}),
         "compile_vision": (ql.COMPILE_CHOICES, {"default": DEFAULT_COMPILE, **_tip(
             "torch.compile the vision encoder (regional, dynamic shapes). auto: on for CUDA with a working "

@@ -100,6 +100,8 @@ class RunRecord:
                          else f"cache {hits}/{len(entries)} hit")
         if self.server:
             parts.append("server")
+        if self.dtype.startswith("tower "):  # dtype=auto on a CPU chose per part (engine/cpu_dtype.py)
+            parts.append(self.dtype)
         parts.append(f"{self.new_tokens} new tokens")
         if self.decode_tokens_per_s:
             parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")

@@ -37,6 +37,7 @@ from .core.api import (
 )
 from .core.errors import GenerationInterrupted, ModelNotFoundError, QwenVLError
 from .embedding_cache import canonical_digest, clear_memory_caches, get_cache
+from .engine import cpu_dtype
 from .engine.decode_compile import DECODE_COMPILE_CHOICES
 from .engine.model import QwenVLModel
 from .engine.prompting import split_thinking
@@ -133,6 +134,9 @@ def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = No
                     "model repository into the folder."
                 )
             processor.chat_template = tokenizer_template
+    # dtype=auto on a CPU: each part in the dtype measured faster here, threads on the physical cores (cpu_dtype.py)
+    parts = cpu_dtype.auto_cpu_parts(model, options.dtype, device)
+    dtype = parts.text if parts is not None else dtype
     family = detect_family(config, model_type if source.kind != "synthetic" else None)
     t_identity = time.perf_counter()
     if source.kind == "synthetic":
@@ -146,8 +150,9 @@ def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = No
         weights_identity=identity,
     )
     loaded.identity_seconds = identity_s
+    loaded.dtype_summary = parts.summary() if parts is not None else ""
     if attention == "sdpa" and os.environ.get("QWENVL_FAST_GROUPED_VISION_ATTENTION", "1") != "0":
-        # Same arithmetic as transformers' per-window SDPA loop, in a few batched calls (vision_attention.py).
+        # Same arithmetic as transformers' per-window SDPA loop, in a few batched calls (vision/attention.py).
         if vision_attention.enable_grouped_vision_attention(model):
             loaded.vision_attention = "grouped sdpa"
     if options.compile_vision != "off":
@@ -158,7 +163,7 @@ def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = No
 class ModelManager:
     """Keeps one model loaded; a different request releases the previous one first.
 
-    Hooks let a host (ComfyUI, see ``comfy_model_manager.py``) follow the model's life without the
+    Hooks let a host (ComfyUI, see ``comfyui_host/model_manager.py``) follow the model's life without the
     engine importing it: ``before_load(options)`` to make room, ``on_load(model)`` right after a load,
     ``on_release(model)`` right after a release. A failing hook is logged, never raised.
     """

@@ -220,7 +220,7 @@ class QwenVLModel:
         mon = RunMonitor(enabled=req.monitor, device=self.device)
         rec = mon.record
         rec.model, rec.family, rec.device = self.options.model, self.family.name, str(self.device)
-        rec.dtype = str(self.dtype).replace("torch.", "")
+        rec.dtype = getattr(self, "dtype_summary", "") or str(self.dtype).replace("torch.", "")
         rec.quantization, rec.attention, rec.vision_attention = (self.options.quantization, self.attention,
                                                                  self.vision_attention)
         rec.quality = qp.validate_quality(req.image_quality)

@@ -45,6 +45,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
+    # CPU: the model is built in fp32; engine/cpu_dtype.auto_cpu_parts then casts the parts measured faster in bf16
+    # on a CPU that computes bf16 natively (the loader calls it for "auto" only).
     return torch.float32
 
 def flash_attention_usable(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:

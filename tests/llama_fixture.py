@@ -93,6 +93,8 @@ def _add_one_merge(tokenizer_json: Path) -> None:
     GGUF would inherit that. A real Qwen vocabulary is dense (its added tokens follow its model vocabulary)."""
     data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     model = data["model"]
+    if model.get("merges"):  # a real vocabulary (the real-size synthetic presets: Qwen's own) is loadable as it is
+        return
     for added in data.get("added_tokens", []):
         model["vocab"].setdefault(added["content"], added["id"])
     next_id = 1 + max(model["vocab"].values())

@@ -456,3 +456,23 @@ def test_the_owner_can_keep_results_out_of_saved_workflows(page, server):
         assert page.problems == [], page.problems
     finally:
         server.post(f"/settings/{setting}", True)
+
+
+def test_every_node_help_page_is_served_where_the_frontend_looks(page, server):
+    """The node help (ComfyUI's frontend, 1.2x and later) fetches a custom node's page from
+    /extensions/<pack folder>/docs/<NodeClass>.md (after a <NodeClass>/<locale>.md it does not find); the page's
+    own fetch gets each node's page, its text exactly the file's. The pack folder is the one the frontend derives
+    from object_info's python_module where this ComfyUI reports it (newer ones do; March 2024's does not)."""
+    info = page.evaluate("async () => (await fetch('/object_info')).json()")
+    mappings = sorted(name for name in info if name.startswith("QwenVLFast_"))
+    assert mappings, "the pack's nodes are not in /object_info"
+    module = info[mappings[0]].get("python_module")
+    folder = module.split(".", 1)[1] if module and module.startswith("custom_nodes.") else "ComfyUI-QwenVL-Fast"
+    for node in mappings:
+        status, text = page.evaluate("""async (path) => {
+            const r = await fetch(path);
+            return [r.status, await r.text()];
+        }""", f"/extensions/{folder}/docs/{node}.md")
+        assert status == 200, f"{node}: HTTP {status}"
+        assert text == (ROOT / "web" / "docs" / f"{node}.md").read_text(encoding="utf-8")
+        assert "## Inputs" in text and "## Tips" in text
