@@ -104,7 +104,7 @@ def test_empty_schema_means_any_object_and_sampling_works(models_dir):
 
 
 def test_too_small_budget_is_a_clear_error(models_dir):
-    with pytest.raises(ql.QwenVLError, match="max_new_tokens is 10 but the JSON schema needs at least"):
+    with pytest.raises(ql.QwenVLError, match="max_new_tokens is 10 but the shortest complete answer of the JSON"):
         _run(models_dir, "tiny-qwen2-vl", _request(_images(1), max_new_tokens=10))
 
 
