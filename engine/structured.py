@@ -304,6 +304,11 @@ CONSTRAINTS = ConstraintCache()
 
 # The longest closing path looked for before generating (longer: the schema is refused).
 CLOSING_LIMIT = 4096
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
+# A run of number characters this long stops growing where the grammar allows anything else: strict JSON
+# (core.strict_json) refuses numbers over MAX_NUMBER_CHARS, and a grammar's "number" has no length bound (random or
+# weak weights write 100.000000... until the budget ends). Below that limit, with room for one more token.
+NUMBER_RUN_LIMIT = strict_json.MAX_NUMBER_CHARS - 16
 # How many of the best-ranked closing tokens are tried one by one before the grammar's whole mask is computed.
 _CLOSING_SHORTLIST = 48
 
@@ -320,6 +325,8 @@ class ClosingVocab:
 
     ranks: np.ndarray  # one per token id (logits width); larger is worse; ids past the tokenizer are never taken
     shortlist: list[int]  # the best-ranked tokens, tried before the mask
+    # Per token id: how many characters of a JSON number it writes when it is made of them only (else 0).
+    number_chars: np.ndarray
     bitmask: torch.Tensor  # scratch for one mask
 
 
@@ -330,15 +337,19 @@ def closing_vocab(tokenizer: Any, vocab_size: int) -> ClosingVocab:
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
     worst = np.iinfo(np.int32).max
     ranks = np.full(int(vocab_size), worst, dtype=np.int64)
+    number_chars = np.zeros(int(vocab_size), dtype=np.int64)
     for i, piece in enumerate(pieces):
         if not piece or i in specials:
             continue
         # Byte-level pieces: printable ASCII stands for itself; any other piece holds a space, a control character
         # or another script (the last class either way), so it needs no decoding.
         ranks[i] = _rank(piece) if piece.isascii() else 4_000 + (999 - min(len(piece), 999))
+        if piece.isascii() and all(c in _NUMBER_CHARS for c in piece):
+            number_chars[i] = len(piece)
     order = np.argsort(ranks, kind="stable")
     shortlist = [int(t) for t in order[:_CLOSING_SHORTLIST] if ranks[t] < worst]
-    return ClosingVocab(ranks, shortlist, torch.zeros((1, (int(vocab_size) + 31) // 32), dtype=torch.int32))
+    return ClosingVocab(ranks, shortlist, number_chars,
+                        torch.zeros((1, (int(vocab_size) + 31) // 32), dtype=torch.int32))
 
 
 def _rank(text: str) -> int:
@@ -422,6 +433,7 @@ class GrammarConstraint:
         self.compiled = compiled
         self.matchers = [llg.LLMatcher(compiled.tokenizer_info, compiled.grammar, log_level=0) for _ in range(rows)]
         self.done = [False] * rows
+        self.number_run = [0] * rows  # number characters at the end of each row's answer
         self.max_new = int(max_new)
         self.step = 0
         self.stats = stats if stats is not None else ConstraintStats()
@@ -429,6 +441,7 @@ class GrammarConstraint:
         self.eos_main = self.eos[0] if self.eos else None
         words = (compiled.vocab_size + 31) // 32
         self.bitmask = torch.zeros((rows, words), dtype=torch.int32)
+        self.numbers = compiled.closing.number_chars
         self.fill_mask = _mask_filler()  # imported here, not on the first token: its import is not a token's cost
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -445,6 +458,9 @@ class GrammarConstraint:
                 elif not self.matchers[r].consume_token(token):
                     raise QwenVLError(f"Constrained decoding lost its place in answer {r + 1}: "
                                       f"{self.matchers[r].get_error() or 'a token the grammar refused'}")
+                else:
+                    digits = int(self.numbers[token]) if token < self.numbers.shape[0] else 0
+                    self.number_run[r] = self.number_run[r] + digits if digits else 0
         left = self.max_new - self.step  # tokens still to come, this one included
         self.step += 1
         # The per-row work is numpy on the host (single-threaded): small torch ops each wake the intra-op thread
@@ -457,6 +473,8 @@ class GrammarConstraint:
                 continue
             self.fill_mask(self.matchers[r], self.bitmask, r)
             row = self._unpack(r, width)
+            if self.number_run[r] >= NUMBER_RUN_LIMIT:
+                row = self._end_number(row)
             if host_scores is None:
                 host_scores = scores.detach().float().cpu().numpy()
             choice = self._within_budget(r, row, host_scores[r], left)
@@ -473,6 +491,14 @@ class GrammarConstraint:
         self.stats.cpu_seconds += time.thread_time() - c0
         self.stats.steps += 1
         return out
+
+    def _end_number(self, row: np.ndarray) -> np.ndarray:
+        """``row`` without the tokens that only lengthen a number, when the grammar allows anything else."""
+        numeric = np.zeros_like(row)
+        n = min(row.shape[0], self.numbers.shape[0])
+        numeric[:n] = self.numbers[:n] > 0
+        others = row & ~numeric
+        return others if others.any() else row
 
     def _unpack(self, r: int, width: int) -> np.ndarray:
         row = np.unpackbits(self.bitmask[r].numpy().view(np.uint8), bitorder="little")[:width].astype(bool)

@@ -17,7 +17,7 @@ import time
 import jsonschema
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from structured_strategies import as_text, schemas
 
@@ -71,7 +71,8 @@ def _run_or_reason(folder, request) -> tuple[str | None, str | None]:
 
 # -- generated schemas on the local backend --------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=8, phases=[Phase.explicit, Phase.reuse, Phase.generate],  # each example runs a model:
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # no shrinking
 @given(schema=schemas(), budget=st.integers(0, 160), sample=st.booleans(), seed=st.integers(0, 3))
 def test_generated_schemas_validate_or_fail_clearly(folders, family, schema, budget, sample, seed):
     request = _request(json_schema=as_text(schema), max_new_tokens=budget, do_sample=sample, seed=seed)
