@@ -46,7 +46,13 @@ from ..core import strict_json
 from ..core.api import COMPLETE, CUT, FAILED, OUTPUT_FORMATS
 from ..core.errors import QwenVLError
 from ..core.lru import LRU
-from .structured_check import check_patterns_compile, no_finite_instance, parse_strict, schema_error
+from .structured_check import (
+    check_patterns_compile,
+    largest_step,
+    no_finite_instance,
+    parse_strict,
+    schema_error,
+)
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -61,9 +67,8 @@ TAGS_DESCRIPTION = (f"a comma-separated list of at most {TAGS_MAX_COUNT} tags, e
                     "letters, digits, '_', '-' or inner spaces")
 # Compact JSON: no whitespace outside strings, so no runaway whitespace ("," and ":" as separators).
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-# Within this many tokens of the closing path's length, each token is checked to leave a way to close in time.
-# Outside it one token would have to lengthen the closing path by more than this (open an object needing this many
-# tokens of required keys in one token) to break the budget.
+# Within this many tokens (plus the schema's largest step: structured_check.largest_step, an optional property with
+# its smallest value) of the closing path's length, each token is checked to leave a way to close in time.
 BUDGET_SLACK = 24
 ANY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 INSTALL_HINT = ("Structured output (output_format json or tags) on the local backend needs llguidance, which the "
@@ -244,6 +249,8 @@ class Compiled:
     # more than CLOSING_LIMIT).
     min_new_tokens: int | None = None
     compile_s: float = 0.0
+    # Within this many tokens of the closing path's length, each token is checked to leave a way to close in time.
+    slack: int = 24
 
 
 class ConstraintCache:
@@ -285,8 +292,11 @@ class ConstraintCache:
             if vocab is None:
                 vocab = mine.closing[int(vocab_size)] = closing_vocab(tokenizer, int(vocab_size))
             path = closing_path(probe, vocab, min(eos) if eos else None, CLOSING_LIMIT)
+            # One token can open an optional part (a property, an array item, a longer branch): the budget check
+            # starts early enough that even the largest such step still leaves room to close.
+            slack = BUDGET_SLACK + (largest_step(spec.schema) if spec.schema is not None else 0)
             compiled = Compiled(info, grammar, int(vocab_size), frozenset(eos), vocab,
-                                None if path is None else len(path), time.perf_counter() - t0)
+                                None if path is None else len(path), time.perf_counter() - t0, slack)
             mine.grammars.put(key, compiled)
             return compiled
 
@@ -517,7 +527,7 @@ class GrammarConstraint:
         path = closing_path(matcher, closing, self.eos_main, left + 1)
         if path is None:
             return None  # no closing path within the budget: nothing to keep (checked before generating)
-        if len(path) + BUDGET_SLACK < left:
+        if len(path) + self.compiled.slack < left:
             return None  # room to spare: the model's own choice, checked again next step
         self.stats.budget_steps += 1
         # The model's best tokens first: the first after which the answer can still close in time.

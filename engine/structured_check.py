@@ -216,3 +216,69 @@ def parse_strict(text: str) -> Any:
     """An answer's JSON, strictly (raw control characters inside strings are allowed: some servers' grammars let
     them through; they are written back escaped)."""
     return strict_json.loads(text, allow_control_characters=True)
+
+
+# -- how far one token can push the end away ---------------------------------------------------------------
+_PATTERN_GUESS = 16  # bytes assumed for a pattern-constrained string with no maxLength
+
+
+def largest_step(schema: dict[str, Any]) -> int:
+    """An estimate, in bytes (each token writes at least one), of how much one token can lengthen the shortest way
+    to finish an answer of ``schema``: opening an optional property, one more array item, a longer ``anyOf``
+    branch. Each is the smallest instance of what it opens (with its key), the largest over the schema."""
+    defs = {}
+    _collect(schema, "#", defs)
+    largest = 0
+    for node in defs.values():
+        if not isinstance(node, dict):
+            continue
+        props = node.get("properties")
+        if isinstance(props, dict):
+            required = set(node.get("required", [])) if isinstance(node.get("required"), list) else set()
+            for key, sub in props.items():
+                if key not in required:
+                    largest = max(largest, len(key.encode()) + 4 + min_bytes(sub, defs))
+        if isinstance(node.get("items"), dict):
+            largest = max(largest, 1 + min_bytes(node["items"], defs))
+        for key in ("anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                largest = max([largest, *(min_bytes(b, defs) for b in node[key])])
+    return largest
+
+
+def min_bytes(node: Any, defs: dict[str, Any], seen: frozenset[str] = frozenset()) -> int:
+    """Bytes of the smallest compact JSON instance of ``node`` (an estimate: patterns are guessed, a cycle counts
+    nothing more)."""
+    if not isinstance(node, dict):
+        return 4
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        target = "#" if ref in ("#", "#/") else ref.rstrip("/")
+        if target in seen or target not in defs:
+            return 0
+        return min_bytes(defs[target], defs, seen | {target})
+    if "const" in node:
+        return len(strict_json.dumps(node["const"]).encode())
+    if isinstance(node.get("enum"), list) and node["enum"]:
+        return min(len(strict_json.dumps(v).encode()) for v in node["enum"])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(node.get(key), list) and node[key]:
+            return min(min_bytes(b, defs, seen) for b in node[key])
+    kind = node.get("type")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object" or isinstance(node.get("properties"), dict):
+        props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        return 2 + sum(len(str(k).encode()) + 4 + min_bytes(props.get(k, {}), defs, seen) for k in required)
+    if kind == "array":
+        count = node.get("minItems", 0) if isinstance(node.get("minItems"), int) else 0
+        return 2 + count * (1 + min_bytes(node.get("items", {}), defs, seen))
+    if kind == "string":
+        low = node.get("minLength", 0) if isinstance(node.get("minLength"), int) else 0
+        if "pattern" in node:
+            low = max(low, min(node.get("maxLength", _PATTERN_GUESS), _PATTERN_GUESS))
+        return 2 + low
+    if kind in ("integer", "number"):
+        bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+        return 2 + max((len(str(node[b])) for b in bounds if b in node), default=1)
+    return 4  # true/null/false, or anything: a small value
