@@ -444,6 +444,7 @@ class GrammarConstraint:
         self.matchers = [llg.LLMatcher(compiled.tokenizer_info, compiled.grammar, log_level=0) for _ in range(rows)]
         self.done = [False] * rows
         self.number_run = [0] * rows  # number characters at the end of each row's answer
+        self.next_check = [0] * rows  # the step at which each row's closing path is computed again
         self.max_new = int(max_new)
         self.step = 0
         self.stats = stats if stats is not None else ConstraintStats()
@@ -522,13 +523,20 @@ class GrammarConstraint:
 
     def _within_budget(self, r: int, row: np.ndarray, scores: np.ndarray, left: int) -> int | None:
         """The token to take when the budget narrows the choice, else None (the grammar's mask alone)."""
+        if self.step < self.next_check[r]:
+            return None  # far from the budget (see below): no closing path needed yet
         matcher = self.matchers[r]
         closing = self.compiled.closing
         path = closing_path(matcher, closing, self.eos_main, left + 1)
         if path is None:
             return None  # no closing path within the budget: nothing to keep (checked before generating)
-        if len(path) + self.compiled.slack < left:
-            return None  # room to spare: the model's own choice, checked again next step
+        slack = self.compiled.slack
+        if len(path) + slack < left:
+            # Room to spare: the model's own choice. A token lengthens the path by at most ``slack`` (the assumption
+            # the check rests on), so the next k steps cannot reach the budget while path + k*(slack+1) + slack
+            # stays below what is left: the path is computed again only then.
+            self.next_check[r] = self.step + max(0, (left - len(path) - slack - 1) // (slack + 1))
+            return None
         self.stats.budget_steps += 1
         # The model's best tokens first: the first after which the answer can still close in time.
         candidates = np.flatnonzero(row)
