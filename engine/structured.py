@@ -319,8 +319,9 @@ _NUMBER_CHARS = frozenset("0123456789.eE+-")
 # (core.strict_json) refuses numbers over MAX_NUMBER_CHARS, and a grammar's "number" has no length bound (random or
 # weak weights write 100.000000... until the budget ends). Below that limit, with room for one more token.
 NUMBER_RUN_LIMIT = strict_json.MAX_NUMBER_CHARS - 16
-# How many of the best-ranked closing tokens are tried one by one before the grammar's whole mask is computed.
-_CLOSING_SHORTLIST = 48
+# How many of the best-ranked closing tokens of each class are tried one by one (with every one-character token)
+# before the grammar's whole mask is computed.
+_CLOSING_SHORTLIST = 12
 
 
 @dataclass
@@ -356,8 +357,14 @@ def closing_vocab(tokenizer: Any, vocab_size: int) -> ClosingVocab:
         ranks[i] = _rank(piece) if piece.isascii() else 4_000 + (999 - min(len(piece), 999))
         if piece.isascii() and all(c in _NUMBER_CHARS for c in piece):
             number_chars[i] = len(piece)
+    # The shortlist: the best few of each class, and every one-character token (a vocabulary holds dozens of
+    # "}}}}"-like closers, which alone would crowd out the plain '"', ',' and digits).
     order = np.argsort(ranks, kind="stable")
-    shortlist = [int(t) for t in order[:_CLOSING_SHORTLIST] if ranks[t] < worst]
+    classes = ranks[order] // 1000
+    shortlist = [int(t) for c in range(5) for t in order[classes == c][:_CLOSING_SHORTLIST]]
+    singles = [i for i, piece in enumerate(pieces) if piece and len(piece) == 1 and 33 <= ord(piece) <= 126
+               and i not in specials]
+    shortlist = sorted(set(shortlist) | set(singles), key=lambda t: (int(ranks[t]), t))
     return ClosingVocab(ranks, shortlist, number_chars,
                         torch.zeros((1, (int(vocab_size) + 31) // 32), dtype=torch.int32))
 
