@@ -359,7 +359,7 @@ def caption_folder_main(argv: list[str]) -> int:
         enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, should_stop=stop,
         output_format=args.output_format, json_schema=args.json_schema)
     try:  # a broken schema, or json/tags without llguidance on the local backend: before the model loads
-        spec_of(request, need_grammar=args.backend != "server")
+        spec_of(request, need_grammar=ql.needs_local_grammar(options))
     except ql.QwenVLError as exc:
         return usage(str(exc))
     t0 = time.perf_counter()

@@ -53,7 +53,7 @@ from .engine.runtime_choice import (
     resolve_device,
     resolve_dtype,
 )
-from .engine.structured import spec_of
+from .engine.structured import check_budget, enforce_answers, spec_of
 from .perf_monitor import TIPS, RunMonitor, report
 from .sources import synthetic
 from .sources.download import download_model
@@ -215,12 +215,20 @@ MANAGER = ModelManager()
 MANAGER.on_release.append(lambda _model: clear_memory_caches())
 
 
+def needs_local_grammar(options: LoadOptions) -> bool:
+    """Whether ``options`` constrain decoding in this process (llguidance): the transformers backend only; a
+    server, or a ``.gguf`` model (served by the pack's llama-server), constrains on the server's side."""
+    return options.backend == "local" and not is_gguf_name(options.model)
+
+
 def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded: bool = True,
              manager: ModelManager | None = None) -> GenerationResult:
     """Load (or reuse) a model, run one request, report timings and tips; release if asked."""
     manager = manager or MANAGER
-    # A broken json_schema (or a missing llguidance for the local backend) fails here, before any model work.
-    spec_of(request, need_grammar=options.backend != "server")
+    # A broken json_schema, a schema with no finite instance or no room for an answer fails here, before any model
+    # work; only the transformers backend constrains in this process (a .gguf is served by llama-server).
+    spec = spec_of(request, need_grammar=needs_local_grammar(options))
+    check_budget(spec, request.max_new_tokens)
     t0 = time.perf_counter()
     model, loaded_now = manager.get(options, should_stop=request.should_stop)
     load_s = time.perf_counter() - t0
@@ -230,6 +238,12 @@ def run_once(options: LoadOptions, request: GenerationRequest, keep_model_loaded
         if not keep_model_loaded:
             manager.release()
         raise
+    except Exception:
+        if not keep_model_loaded:
+            manager.release()
+        raise
+    try:  # every structured answer, local or served, validated before it is returned
+        enforce_answers(spec, result, request.per_answer_errors, request.should_stop)
     except Exception:
         if not keep_model_loaded:
             manager.release()
@@ -256,7 +270,8 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult", "LoadOptions", "ModelManager", "ModelNotFoundError", "QwenVLError", "QwenVLModel",
     "RunMonitor", "add_model_dir", "canonical_digest", "canonicalize_image", "check_folder", "clear_memory_caches",
-    "detect_family", "download_model", "get_cache", "load_model", "model_choices", "release_memory",
+    "detect_family", "download_model", "get_cache", "load_model", "model_choices", "needs_local_grammar",
+    "release_memory",
     "resolve_attention", "resolve_device", "resolve_model", "run_once", "split_image_batch", "split_thinking",
     "synthetic", "synthetic_choices",
 ]

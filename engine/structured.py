@@ -15,11 +15,13 @@ helper compiles with ``torch.compile`` on first use (a C++ compiler on Windows),
 numpy on the host (and one masked_fill on a GPU): about 1.5 ms per token in all (docs/benchmark-cpu-structured.md).
 
 The budget: a schema whose answer is cut by ``max_new_tokens`` does not parse. The constraint keeps, at every step,
-a way to close the answer within the tokens left: when the shortest closing path it finds (:func:`closing_path`,
-a greedy walk preferring EOS, quotes, closing brackets, separators, then digits and letters) needs nearly all of
-them, the next token is the model's best choice among those after which the answer can still close in time, and
-at the end exactly that path. So the answer parses and validates whenever that path fits ``max_new_tokens`` at the
-start (checked before generating: a clear error says how many tokens the schema needs).
+a way to close the answer within the tokens left: when the shortest closing path it finds (:func:`closing_path`:
+the tokens the grammar forces, else the best-ranked token of the real vocabulary the grammar allows, see
+:class:`ClosingVocab`) needs nearly all of them, the next token is the model's best choice among those after which
+the answer can still close in time, and at the end exactly that path. Before generating, that path from the start
+is the figure a too-small ``max_new_tokens`` (0 included) is refused with. A schema with no finite instance
+(a required property that leads back to itself) is refused when it is parsed (structured_check.py). Every answer
+is then validated like a server's (:func:`validate_answer`) before it is returned.
 
 Nothing here imports llguidance at import time: the pack imports without it, and only a run asking for ``json``
 or ``tags`` on the local backend needs it (a clear error says how to install it).
@@ -33,15 +35,24 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..core.api import OUTPUT_FORMATS
+from ..core import strict_json
+from ..core.api import COMPLETE, CUT, FAILED, OUTPUT_FORMATS
 from ..core.errors import QwenVLError
 from ..core.lru import LRU
+from .structured_check import (
+    check_patterns_compile,
+    largest_step,
+    no_finite_instance,
+    parse_strict,
+    schema_error,
+)
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -56,13 +67,12 @@ TAGS_DESCRIPTION = (f"a comma-separated list of at most {TAGS_MAX_COUNT} tags, e
                     "letters, digits, '_', '-' or inner spaces")
 # Compact JSON: no whitespace outside strings, so no runaway whitespace ("," and ":" as separators).
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-# Within this many tokens of the closing path's length, each token is checked to leave a way to close in time.
-# Outside it one token would have to lengthen the closing path by more than this (open an object needing this many
-# tokens of required keys in one token) to break the budget.
+# Within this many tokens (plus the schema's largest step: structured_check.largest_step, an optional property with
+# its smallest value) of the closing path's length, each token is checked to leave a way to close in time.
 BUDGET_SLACK = 24
 ANY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
-INSTALL_HINT = ("Structured output (output_format json or tags) on the local backend needs llguidance: "
-                "pip install llguidance (with ComfyUI's Python).")
+INSTALL_HINT = ("Structured output (output_format json or tags) on the local backend needs llguidance, which the "
+                "pack's requirements.txt installs: pip install -r requirements.txt (with ComfyUI's Python).")
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,10 @@ def parse_output_spec(output_format: str, json_schema: str | dict[str, Any] | No
     if fmt == "json":
         schema = _parse_schema(json_schema)
         _check_meta_schema(schema)
+        check_patterns_compile(schema)
+        endless = no_finite_instance(schema)
+        if endless:
+            raise QwenVLError(endless)
     spec = OutputSpec(fmt, schema)
     if need_grammar:
         llg = _llguidance()
@@ -138,22 +152,20 @@ def _parse_schema(json_schema: str | dict[str, Any] | None) -> dict[str, Any]:
     if not text:
         return dict(ANY_OBJECT_SCHEMA)
     try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise QwenVLError(f"json_schema is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
-                          "Give a JSON Schema such as {\"type\": \"object\", \"properties\": {...}}, or leave it "
-                          "empty for any JSON object.") from exc
+        schema = strict_json.loads(text)
+    except strict_json.StrictJSONError as exc:
+        raise QwenVLError(f"json_schema is not valid JSON: {exc}. Give a JSON Schema such as "
+                          "{\"type\": \"object\", \"properties\": {...}}, or leave it empty for any JSON "
+                          "object.") from exc
     if not isinstance(schema, dict):
         raise QwenVLError(f"json_schema must be a JSON object (a schema), not {type(schema).__name__}.")
     return schema
 
 
 def _check_meta_schema(schema: dict[str, Any]) -> None:
-    """The schema against its meta-schema, where ``jsonschema`` is installed (a wrong type or keyword value)."""
-    try:
-        import jsonschema
-    except ImportError:
-        return
+    """The schema against its meta-schema (a wrong type or keyword value)."""
+    import jsonschema
+
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:
@@ -181,31 +193,41 @@ def spec_of(request: Any, need_grammar: bool = False) -> OutputSpec:
     return spec
 
 
-def check_answer(spec: OutputSpec, text: str) -> str | None:
-    """Why ``text`` is not an answer of ``spec`` (None when it is): for a server's answers, which the pack does
-    not constrain itself (a server that ignored the request, an answer cut at max_new_tokens)."""
+def validate_answer(text: str, spec: OutputSpec,
+                    should_stop: Callable[[], bool] | None = None) -> tuple[Any, str | None]:
+    """``(value, None)`` when ``text`` is a complete answer of ``spec``, else ``(None, why)``.
+
+    ``value``: the parsed JSON (strict: no NaN/Infinity, bounded depth and numbers) for ``json``, the list of tags
+    for ``tags``, the text itself for ``text``. Every structured answer, local or from a server, passes here
+    before it is returned; Caption Folder calls it for its own JSON handling. ``should_stop`` (Cancel) is looked
+    at before each pattern match; a cancelled check raises GenerationInterrupted.
+    """
     if spec.output_format == "tags":
-        return None if tags_match(text) else f"the answer is not {TAGS_DESCRIPTION}: {text[:80]!r}"
+        if tags_match(text):
+            return text.split(", "), None
+        return None, f"the answer is not {TAGS_DESCRIPTION}: {text[:80]!r}"
     if spec.output_format != "json":
-        return None
+        return text, None
     try:
-        value = json.loads(text, strict=False)  # raw control characters in strings: see normalize_json
-    except json.JSONDecodeError as exc:
-        return f"the answer is not JSON ({exc.msg} at character {exc.pos}; raise max_new_tokens if it was cut)"
-    try:
-        import jsonschema
-    except ImportError:
-        return None
-    error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(spec.schema)(spec.schema)
-                                             .iter_errors(value))
-    return None if error is None else f"the answer does not match json_schema: {error.message[:200]}"
+        value = parse_strict(text)
+    except strict_json.StrictJSONError as exc:
+        return None, f"the answer is not strict JSON ({exc}; raise max_new_tokens if it was cut)"
+    why = schema_error(spec.schema if spec.schema is not None else ANY_OBJECT_SCHEMA, value, should_stop)
+    if why is not None:
+        return None, f"the answer does not match json_schema: {why}"
+    return value, None
+
+
+def check_answer(spec: OutputSpec, text: str) -> str | None:
+    """Why ``text`` is not an answer of ``spec`` (None when it is): :func:`validate_answer`'s reason."""
+    return validate_answer(text, spec)[1]
 
 
 def normalize_json(text: str) -> str:
-    """A server's JSON answer as compact, strictly valid JSON: xgrammar (vLLM's default) lets raw control characters
-    (U+0000-U+001F) into strings, which strict parsers (Python's ``json.loads``) refuse; they come back escaped,
-    the values unchanged. Call after ``check_answer`` accepted ``text``."""
-    return json.dumps(json.loads(text, strict=False), ensure_ascii=False, separators=(",", ":"))
+    """A JSON answer as compact, strictly valid JSON: xgrammar (vLLM's default) lets raw control characters
+    (U+0000-U+001F) into strings, which strict parsers refuse; they come back escaped, the values unchanged.
+    Call after ``validate_answer`` accepted ``text``."""
+    return strict_json.dumps(parse_strict(text))
 
 
 def tags_match(text: str) -> bool:
@@ -222,11 +244,13 @@ class Compiled:
     grammar: str
     vocab_size: int
     eos_ids: frozenset[int]
-    closing_tokens: list[int]
+    closing: ClosingVocab
     # Tokens of the greedy closing path from the start (EOS included): the least max_new_tokens that works (None:
     # more than CLOSING_LIMIT).
     min_new_tokens: int | None = None
     compile_s: float = 0.0
+    # Within this many tokens of the closing path's length, each token is checked to leave a way to close in time.
+    slack: int = 24
 
 
 class ConstraintCache:
@@ -249,7 +273,7 @@ class ConstraintCache:
             mine = self._per_tokenizer.get(tokenizer)
             if mine is None:
                 mine = self._per_tokenizer[tokenizer] = _TokenizerEntry(
-                    {}, LRU(max_entries=self.max_grammars), closing_tokens(tokenizer))
+                    {}, LRU(max_entries=self.max_grammars), {})
             hit = mine.grammars.get(key)
             if hit is not None:
                 return hit
@@ -264,9 +288,15 @@ class ConstraintCache:
             probe = llg.LLMatcher(info, grammar, log_level=0)
             if probe.is_error():
                 raise QwenVLError(f"json_schema cannot be used for constrained decoding: {probe.get_error()}")
-            path = closing_path(probe, mine.closing, min(eos) if eos else None, CLOSING_LIMIT)
-            compiled = Compiled(info, grammar, int(vocab_size), frozenset(eos), mine.closing,
-                                None if path is None else len(path), time.perf_counter() - t0)
+            vocab = mine.closing.get(int(vocab_size))
+            if vocab is None:
+                vocab = mine.closing[int(vocab_size)] = closing_vocab(tokenizer, int(vocab_size))
+            path = closing_path(probe, vocab, min(eos) if eos else None, CLOSING_LIMIT)
+            # One token can open an optional part (a property, an array item, a longer branch): the budget check
+            # starts early enough that even the largest such step still leaves room to close.
+            slack = BUDGET_SLACK + (largest_step(spec.schema) if spec.schema is not None else 0)
+            compiled = Compiled(info, grammar, int(vocab_size), frozenset(eos), vocab,
+                                None if path is None else len(path), time.perf_counter() - t0, slack)
             mine.grammars.put(key, compiled)
             return compiled
 
@@ -277,47 +307,123 @@ class _TokenizerEntry:
 
     infos: dict[tuple[int, tuple[int, ...]], Any]
     grammars: LRU[Compiled]
-    closing: list[int]
+    closing: dict[int, ClosingVocab]  # per logits width
 
 
 CONSTRAINTS = ConstraintCache()
 
 # The longest closing path looked for before generating (longer: the schema is refused).
 CLOSING_LIMIT = 4096
-# The greedy closing walk's preference: end, close what is open, separate, then the cheapest values.
-_CLOSING_CHARS = '"}],:0123456789' + "abcdefghijklmnopqrstuvwxyz" + "-.[{ _"
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
+# A run of number characters this long stops growing where the grammar allows anything else: strict JSON
+# (core.strict_json) refuses numbers over MAX_NUMBER_CHARS, and a grammar's "number" has no length bound (random or
+# weak weights write 100.000000... until the budget ends). Below that limit, with room for one more token.
+NUMBER_RUN_LIMIT = strict_json.MAX_NUMBER_CHARS - 16
+# How many of the best-ranked closing tokens of each class are tried one by one (with every one-character token)
+# before the grammar's whole mask is computed.
+_CLOSING_SHORTLIST = 12
 
 
-def closing_tokens(tokenizer: Any) -> list[int]:
-    """One token per character of :data:`_CLOSING_CHARS` that the tokenizer writes as one token, in that order."""
-    ids: list[int] = []
-    for ch in _CLOSING_CHARS:
-        encoded = tokenizer.encode(ch, add_special_tokens=False)
-        if len(encoded) == 1 and encoded[0] not in ids:
-            ids.append(int(encoded[0]))
-    return ids
+@dataclass
+class ClosingVocab:
+    """The tokenizer's whole vocabulary ranked for closing an answer: what a closing path may take, best first.
+
+    Rank classes, each longest text first: only ``"}]`` (closes the most per token), then with ``,:``, then digits,
+    then any other printable ASCII (letters of either case, punctuation), then everything else (whitespace, other
+    scripts). So whatever characters the grammar forces (a capitalised key, an enum, a pattern), some token of
+    the real vocabulary writes it.
+    """
+
+    ranks: np.ndarray  # one per token id (logits width); larger is worse; ids past the tokenizer are never taken
+    shortlist: list[int]  # the best-ranked tokens, tried before the mask
+    # Per token id: how many characters of a JSON number it writes when it is made of them only (else 0).
+    number_chars: np.ndarray
+    bitmask: torch.Tensor  # scratch for one mask
 
 
-def closing_path(matcher: Any, closing: list[int], eos: int | None, limit: int) -> list[int] | None:
-    """The tokens of a greedy way to finish the answer from ``matcher``'s state (EOS last), or None past ``limit``.
+def closing_vocab(tokenizer: Any, vocab_size: int) -> ClosingVocab:
+    """Rank every token of ``tokenizer`` (``vocab_size``: the logits' width) for :func:`closing_path`."""
+    n_tok = min(len(tokenizer), int(vocab_size))
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n_tok)))
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    worst = np.iinfo(np.int32).max
+    ranks = np.full(int(vocab_size), worst, dtype=np.int64)
+    number_chars = np.zeros(int(vocab_size), dtype=np.int64)
+    for i, piece in enumerate(pieces):
+        if not piece or i in specials:
+            continue
+        # Byte-level pieces: printable ASCII stands for itself; any other piece holds a space, a control character
+        # or another script (the last class either way), so it needs no decoding.
+        ranks[i] = _rank(piece) if piece.isascii() else 4_000 + (999 - min(len(piece), 999))
+        if piece.isascii() and all(c in _NUMBER_CHARS for c in piece):
+            number_chars[i] = len(piece)
+    # The shortlist: the best few of each class, and every one-character token (a vocabulary holds dozens of
+    # "}}}}"-like closers, which alone would crowd out the plain '"', ',' and digits).
+    order = np.argsort(ranks, kind="stable")
+    classes = ranks[order] // 1000
+    shortlist = [int(t) for c in range(5) for t in order[classes == c][:_CLOSING_SHORTLIST]]
+    singles = [i for i, piece in enumerate(pieces) if piece and len(piece) == 1 and 33 <= ord(piece) <= 126
+               and i not in specials]
+    shortlist = sorted(set(shortlist) | set(singles), key=lambda t: (int(ranks[t]), t))
+    return ClosingVocab(ranks, shortlist, number_chars,
+                        torch.zeros((1, (int(vocab_size) + 31) // 32), dtype=torch.int32))
 
-    Each step takes the first token of ``closing`` that the grammar allows; the matcher is rolled back after.
+
+def _rank(text: str) -> int:
+    length = min(len(text), 999)
+    if not text:
+        return 5_000
+    if all(c in '"}]' for c in text):
+        cls = 0
+    elif all(c in '"}],:' for c in text):
+        cls = 1
+    elif text.isdigit() and text.isascii():
+        cls = 2
+    elif all(33 <= ord(c) <= 126 for c in text):
+        cls = 3
+    else:
+        cls = 4
+    return cls * 1000 + (999 - length)
+
+
+def closing_path(matcher: Any, vocab: ClosingVocab, eos: int | None, limit: int) -> list[int] | None:
+    """The tokens of a short way to finish the answer from ``matcher``'s state (EOS last), or None past ``limit``
+    (or when the grammar allows no token at all). The matcher is rolled back after.
+
+    Each step: the tokens the grammar forces (its fast-forward tokens), else the best-ranked token of the whole
+    vocabulary that the grammar allows (:class:`ClosingVocab`).
     """
     path: list[int] = []
     try:
         while len(path) < limit:
             if matcher.is_accepting():
                 return [*path, eos] if eos is not None else path
-            for token in closing:
-                if matcher.try_consume_tokens([token]) == 1:
-                    path.append(token)
-                    break
-            else:
+            forced = matcher.compute_ff_tokens()[: limit - len(path)]
+            if forced:
+                taken = matcher.try_consume_tokens(forced)
+                path.extend(forced[:taken])
+                if taken:
+                    continue
+            token = _best_allowed(matcher, vocab)
+            if token is None or matcher.try_consume_tokens([token]) != 1:
                 return None
+            path.append(token)
         return None
     finally:
         if path:
             matcher.rollback(len(path))
+
+
+def _best_allowed(matcher: Any, vocab: ClosingVocab) -> int | None:
+    for token in vocab.shortlist:  # cheap: a try and a rollback each
+        if matcher.try_consume_tokens([token]) == 1:
+            matcher.rollback(1)
+            return token
+    _mask_filler()(matcher, vocab.bitmask, 0)
+    allowed = np.unpackbits(vocab.bitmask[0].numpy().view(np.uint8), bitorder="little")[: vocab.ranks.shape[0]]
+    ranked = np.where(allowed.astype(bool), vocab.ranks[: allowed.shape[0]], np.iinfo(np.int64).max)
+    best = int(np.argmin(ranked))
+    return best if ranked[best] < np.iinfo(np.int32).max else None
 
 
 @dataclass
@@ -344,6 +450,8 @@ class GrammarConstraint:
         self.compiled = compiled
         self.matchers = [llg.LLMatcher(compiled.tokenizer_info, compiled.grammar, log_level=0) for _ in range(rows)]
         self.done = [False] * rows
+        self.number_run = [0] * rows  # number characters at the end of each row's answer
+        self.next_check = [0] * rows  # the step at which each row's closing path is computed again
         self.max_new = int(max_new)
         self.step = 0
         self.stats = stats if stats is not None else ConstraintStats()
@@ -351,6 +459,7 @@ class GrammarConstraint:
         self.eos_main = self.eos[0] if self.eos else None
         words = (compiled.vocab_size + 31) // 32
         self.bitmask = torch.zeros((rows, words), dtype=torch.int32)
+        self.numbers = compiled.closing.number_chars
         self.fill_mask = _mask_filler()  # imported here, not on the first token: its import is not a token's cost
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -367,6 +476,9 @@ class GrammarConstraint:
                 elif not self.matchers[r].consume_token(token):
                     raise QwenVLError(f"Constrained decoding lost its place in answer {r + 1}: "
                                       f"{self.matchers[r].get_error() or 'a token the grammar refused'}")
+                else:
+                    digits = int(self.numbers[token]) if token < self.numbers.shape[0] else 0
+                    self.number_run[r] = self.number_run[r] + digits if digits else 0
         left = self.max_new - self.step  # tokens still to come, this one included
         self.step += 1
         # The per-row work is numpy on the host (single-threaded): small torch ops each wake the intra-op thread
@@ -379,6 +491,8 @@ class GrammarConstraint:
                 continue
             self.fill_mask(self.matchers[r], self.bitmask, r)
             row = self._unpack(r, width)
+            if self.number_run[r] >= NUMBER_RUN_LIMIT:
+                row = self._end_number(row)
             if host_scores is None:
                 host_scores = scores.detach().float().cpu().numpy()
             choice = self._within_budget(r, row, host_scores[r], left)
@@ -396,6 +510,14 @@ class GrammarConstraint:
         self.stats.steps += 1
         return out
 
+    def _end_number(self, row: np.ndarray) -> np.ndarray:
+        """``row`` without the tokens that only lengthen a number, when the grammar allows anything else."""
+        numeric = np.zeros_like(row)
+        n = min(row.shape[0], self.numbers.shape[0])
+        numeric[:n] = self.numbers[:n] > 0
+        others = row & ~numeric
+        return others if others.any() else row
+
     def _unpack(self, r: int, width: int) -> np.ndarray:
         row = np.unpackbits(self.bitmask[r].numpy().view(np.uint8), bitorder="little")[:width].astype(bool)
         if row.shape[0] < width:  # logits wider than the mask: the extra ids are never allowed
@@ -408,13 +530,20 @@ class GrammarConstraint:
 
     def _within_budget(self, r: int, row: np.ndarray, scores: np.ndarray, left: int) -> int | None:
         """The token to take when the budget narrows the choice, else None (the grammar's mask alone)."""
+        if self.step < self.next_check[r]:
+            return None  # far from the budget (see below): no closing path needed yet
         matcher = self.matchers[r]
-        closing = self.compiled.closing_tokens
+        closing = self.compiled.closing
         path = closing_path(matcher, closing, self.eos_main, left + 1)
         if path is None:
             return None  # no closing path within the budget: nothing to keep (checked before generating)
-        if len(path) + BUDGET_SLACK < left:
-            return None  # room to spare: the model's own choice, checked again next step
+        slack = self.compiled.slack
+        if len(path) + slack < left:
+            # Room to spare: the model's own choice. A token lengthens the path by at most ``slack`` (the assumption
+            # the check rests on), so the next k steps cannot reach the budget while path + k*(slack+1) + slack
+            # stays below what is left: the path is computed again only then.
+            self.next_check[r] = self.step + max(0, (left - len(path) - slack - 1) // (slack + 1))
+            return None
         self.stats.budget_steps += 1
         # The model's best tokens first: the first after which the answer can still close in time.
         candidates = np.flatnonzero(row)
@@ -446,10 +575,18 @@ def make_constraint(tokenizer: Any, vocab_size: int, eos_ids: set[int], spec: Ou
     compiled.compile_s = 0.0  # counted once: later calls reuse the cached compile
     need = compiled.min_new_tokens
     if need is None or need > max_new:
-        what = "the JSON schema" if spec.output_format == "json" else "a tag list"
-        raise QwenVLError(f"max_new_tokens is {max_new} but {what} needs at least "
-                          f"{need or f'more than {CLOSING_LIMIT}'} tokens to be complete: raise max_new_tokens.")
+        raise QwenVLError(budget_message(spec, max_new, need))
     return _processor_class()(compiled, rows, max_new, stats)
+
+
+def budget_message(spec: OutputSpec, max_new: int, need: int | None) -> str:
+    """The refusal of a ``max_new_tokens`` too small for any complete answer of ``spec``."""
+    what = "the JSON schema" if spec.output_format == "json" else "a tag list"
+    if need is None:
+        return (f"max_new_tokens is {max_new} but every complete answer of {what} found takes more than "
+                f"{CLOSING_LIMIT} tokens: simplify the schema (fewer required fields, smaller minLength/minItems).")
+    return (f"max_new_tokens is {max_new} but the shortest complete answer of {what} takes {need} tokens (the stop "
+            f"token included): raise max_new_tokens to at least {need}.")
 
 
 _PROCESSOR_CLASS: type | None = None
@@ -463,3 +600,39 @@ def _processor_class() -> type:
 
         _PROCESSOR_CLASS = type("GrammarLogitsProcessor", (GrammarConstraint, LogitsProcessor), {})
     return _PROCESSOR_CLASS
+
+
+def check_budget(spec: OutputSpec, max_new_tokens: int) -> None:
+    """Refuse a structured request whose ``max_new_tokens`` leaves no room for any answer (0 or less), on every
+    backend, before any model work; the local backend also refuses anything below its closing path's length."""
+    if spec.constrained and int(max_new_tokens) < 1:
+        raise QwenVLError(f"max_new_tokens is {int(max_new_tokens)}: an answer of output_format {spec.output_format} "
+                          "needs at least one token (and the stop token): raise max_new_tokens.")
+
+
+def enforce_answers(spec: OutputSpec, result: Any, per_answer_errors: bool,
+                    should_stop: Callable[[], bool] | None = None) -> None:
+    """Validate every answer of ``result`` (a GenerationResult) against ``spec`` before it is returned.
+
+    An invalid answer raises a QwenVLError naming it, or, with ``per_answer_errors``, becomes that answer's error
+    (its text emptied; its ending FAILED unless it already says why, e.g. CUT).
+    """
+    if not spec.constrained:
+        return
+    for i, text in enumerate(result.texts):
+        if result.error_of(i) is not None:
+            continue
+        _, why = validate_answer(text, spec, should_stop)
+        if why is None:
+            continue
+        cut = result.ending_of(i) == CUT
+        message = (f"Answer {i + 1} is not valid {spec.output_format}: {why}"
+                   + (" (it was cut at max_new_tokens: raise max_new_tokens)" if cut else ""))
+        if not per_answer_errors:
+            raise QwenVLError(message)
+        if len(result.errors) < len(result.texts):
+            result.errors.extend([None] * (len(result.texts) - len(result.errors)))
+        result.errors[i] = message
+        result.texts[i] = ""
+        if i < len(result.endings) and result.endings[i] == COMPLETE:
+            result.endings[i] = FAILED

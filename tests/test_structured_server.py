@@ -84,7 +84,7 @@ def test_vllm_tags_match_the_grammar(served):
 
 
 def test_vllm_answer_cut_by_max_new_tokens_is_a_clear_error(served):
-    with pytest.raises(ql.QwenVLError, match="not valid json: the answer is not JSON"):
+    with pytest.raises(ql.QwenVLError, match="not valid json: the answer is not strict JSON"):
         ql.run_once(served, _request(_images(1), max_new_tokens=4))
 
 
