@@ -66,6 +66,7 @@ from bench.inputs import CAPTION_PROMPT, make_uint8_image  # noqa: E402
 from qwenvl_fast import captioning as bc  # noqa: E402
 from qwenvl_fast import embedding_cache as caches  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
+from qwenvl_fast.core.settings import env_float  # noqa: E402
 from qwenvl_fast.sources import synthetic  # noqa: E402
 
 log = logging.getLogger("QwenVL-Fast.bench")  # INFO while the engine's own logger says WARNING only
@@ -205,7 +206,7 @@ def start_vllm(model_dir: Path, log_dir: Path) -> tuple[Any, str | None]:
         return None, reason
     server = vs.VllmServer(model_dir, served_name=SERVED_NAME, log_path=log_dir / "vllm-server.log")
     try:
-        server.start(timeout=float(os.environ.get("QWENVL_FAST_VLLM_START_TIMEOUT", "300")))
+        server.start(timeout=env_float("QWENVL_FAST_VLLM_START_TIMEOUT", 300.0, 1.0))
     except Exception as exc:
         return None, f"vLLM did not start: {str(exc)[:2000]}"
     log.info("[bench] vLLM answered /health after %.1f s at %s", server.start_seconds, server.url)
