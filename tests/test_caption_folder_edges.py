@@ -415,6 +415,14 @@ def test_is_changed_follows_the_folder_and_the_settings_not_our_own_writes(model
     from qwenvl_fast import nodes
 
     monkeypatch.setenv("QWENVL_FAST_MODELS_DIR", str(models_dir))
+    real_run_once = ql.run_once
+
+    def stopped(*args, **kw):  # random weights never emit a stop token: their cut answers are taken as complete
+        result = real_run_once(*args, **kw)
+        result.endings = ["complete"] * len(result.texts)
+        return result
+
+    monkeypatch.setattr(ql, "run_once", stopped)
     folder, _ = dirs
     # The tiny model's random weights give an empty answer for some images (an error, nothing written): these are
     # the images test_nodes captions with these settings, which it answers with text.
