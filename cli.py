@@ -149,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("[QwenVL-Fast] %s", exc)
         return 2
     if args.json:
-        print(json.dumps({"texts": result.texts, "thinking": result.thinking, "timing": result.record.as_dict()},
-                         default=str))
+        print(json.dumps({"texts": result.texts, "thinking": result.thinking, "endings": result.endings,
+                          "timing": result.record.as_dict()}, default=str))
         return 0
     random_weights = ql.synthetic.is_synthetic_name(args.model)
     for i, text in enumerate(result.texts):
         ids = result.token_ids[i] if i < len(result.token_ids) else []
-        print(f"--- answer {i + 1}: {len(ids)} new tokens ---")
+        # how it ended: "complete", or "cut" / "thinking open" (the warning below says what to change)
+        print(f"--- answer {i + 1}: {len(ids)} new tokens, {result.ending_of(i).replace('_', ' ')} ---")
         if random_weights or not text.strip():
             print("token ids: " + " ".join(str(t) for t in ids))
         if text.strip():
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             print("text: (none" + _why_no_text(ids) + ")")
         if result.thinking[i]:
             print(f"--- reasoning {i + 1} ---\n{result.thinking[i]}")
+    for warning in result.record.warnings:
+        print(f"warning: {warning}")
     print(_timing_line(result.record))
     if random_weights:
         print(f"Demo run complete: {args.model} has random weights, so the tokens above mean nothing; the pipeline "

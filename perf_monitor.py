@@ -65,6 +65,9 @@ class RunRecord:
     # What the engine changed or refused on its own (e.g. max_new_tokens cut to fit the context): shown on the node,
     # not only in the log.
     warnings: list[str] = field(default_factory=list)
+    # How each answer ended (core.api.ENDINGS: complete, cut, aborted, ...), one per answer; every ending but
+    # "complete" also has a line in ``warnings``.
+    endings: list[str] = field(default_factory=list)
     # Structured output (engine/structured.py): the answer's format, and for json/tags what the constraint cost:
     # {"constraint_ms_per_token", "constraint_s", "steps", "compile_s", "budget_steps"} (local) or the server field.
     output_format: str = "text"
@@ -100,6 +103,9 @@ class RunRecord:
         parts.append(f"{self.new_tokens} new tokens")
         if self.decode_tokens_per_s:
             parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
+        unfinished = [e for e in self.endings if e != "complete"]
+        if unfinished:  # "1 cut", "2 aborted": the warnings say which and why
+            parts.extend(f"{unfinished.count(e)} {e.replace('_', ' ')}" for e in dict.fromkeys(unfinished))
         if self.interrupted:
             parts.append("interrupted")
         return " · ".join(parts)

@@ -42,7 +42,18 @@ from typing import Any
 import torch
 
 from .. import quality_presets as qp
-from ..core.api import BATCH_MODES, UPLOAD_FORMATS, GenerationRequest, GenerationResult, LoadOptions
+from ..core.api import (
+    BATCH_MODES,
+    COMPLETE,
+    CUT,
+    FAILED,
+    THINKING_OPEN,
+    UPLOAD_FORMATS,
+    GenerationRequest,
+    GenerationResult,
+    LoadOptions,
+    note_endings,
+)
 from ..core.errors import QwenVLError
 from ..engine.prompting import split_thinking
 from ..engine.structured import check_answer, normalize_json, spec_of
@@ -151,25 +162,34 @@ class ServerModel:
         rec.output_format = spec.output_format
         if spec.constrained:
             rec.structured = {"server_field": next(iter(structured_fields(spec, self.llama_cpp)))}
-        texts, thoughts = [], []
+        texts, thoughts, endings = [], [], []
         for i, (s, error) in enumerate(zip(streams, errors)):
             answer, thinking = split_thinking(s.text) if error is None else ("", "")
+            ending = s.ending
+            if ending in (COMPLETE, CUT) and s.text.lstrip().startswith("<think>") and "</think>" not in s.text:
+                ending = THINKING_OPEN  # reasoning only: no answer followed it
             if error is None and spec.constrained:
                 # The server constrains; what it sent is checked (a server that ignored the field, a cut answer).
                 answer = answer.strip()
                 bad = check_answer(spec, answer)
                 if bad is not None:
+                    if ending == CUT:
+                        bad += f" (it was cut at max_new_tokens={int(req.max_new_tokens)}: raise max_new_tokens)"
                     if not req.per_answer_errors:
                         raise QwenVLError(f"The server's answer {i + 1} is not valid {spec.output_format}: {bad}. "
                                           "Check that the server supports structured output (vLLM, llama-server).")
                     errors[i], answer, thinking = bad, "", ""
+                    ending = ending if ending != COMPLETE else FAILED
                 elif spec.output_format == "json":
                     answer = normalize_json(answer)
             texts.append(answer)
             thoughts.append(thinking)
+            endings.append(ending)
         self._record(mon, streams, uploads, errors)
+        note_endings(rec, endings, int(req.max_new_tokens), details=[
+            errors[i] or s.ending_detail if endings[i] != THINKING_OPEN else "" for i, s in enumerate(streams)])
         return GenerationResult(texts, thoughts, rec, [[] for _ in streams],
-                                errors=errors if req.per_answer_errors else [])
+                                errors=errors if req.per_answer_errors else [], endings=endings)
 
     def _record(self, mon: RunMonitor, streams: list[Stream], uploads: list[dict[str, Any]],
                 errors: list[str | None]) -> None:

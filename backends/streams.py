@@ -1,8 +1,10 @@
 """Chat requests to a server, several in flight: their bodies, retries, the streamed answers, Cancel and deadlines.
 
-An answer counts only when it ends with a ``finish_reason`` or ``[DONE]``; reading stops at ``max_new_tokens``
-received tokens (a server that goes on is not listened to); ``server_timeout_s`` is a deadline for a whole request
-from the moment its worker starts, watched from the caller's thread. Answers come back in input order.
+An answer counts only when it ends with a ``finish_reason`` or ``[DONE]``, and it is complete only when that
+reason is ``stop`` (:func:`ending_of_finish`; a bare ``[DONE]`` is an aborted answer); reading stops at
+``max_new_tokens`` received tokens (a server that goes on is not listened to: the answer is cut);
+``server_timeout_s`` is a deadline for a whole request from the moment its worker starts, watched from the
+caller's thread. Answers come back in input order.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.api import GenerationRequest
+from ..core.api import ABORTED, COMPLETE, CUT, FAILED, FILTERED, GenerationRequest
 from ..core.errors import GenerationInterrupted
 from ..core.sampling import Sampling
 from ..engine.structured import TAGS_MAX_CHARS, TAGS_MAX_COUNT, TAGS_REGEX, OutputSpec, spec_of
@@ -103,6 +105,19 @@ def structured_fields(spec: OutputSpec, llama_cpp: bool = False) -> dict[str, An
     return {}
 
 
+# finish_reason -> ending: OpenAI's and vLLM's words, and llama.cpp's older "eos" / "limit". Any other reason (vLLM's
+# "abort", a server's own words) is an aborted answer, its reason kept for the warning.
+_FINISH_ENDINGS = {"stop": COMPLETE, "eos": COMPLETE, "length": CUT, "limit": CUT, "max_tokens": CUT,
+                   "content_filter": FILTERED}
+
+
+def ending_of_finish(reason: str | None) -> str:
+    """How an answer that the server ended with ``finish_reason`` ended (None: a bare ``[DONE]``, no reason)."""
+    if not reason:
+        return ABORTED
+    return _FINISH_ENDINGS.get(reason.strip().lower(), ABORTED)
+
+
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
@@ -122,7 +137,11 @@ class Stream:
     first_token_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str | None = None
-    complete: bool = False
+    complete: bool = False  # the server ended it (a finish_reason, [DONE]) or the reader's cap did
+    dropped: bool = False  # the stream closed before either
+    server_finished: bool = False  # the server sent its finish_reason (not the reader's cap)
+    t_headers: float = 0.0
+    t_first: float | None = None
     error: BaseException | None = None
     done: bool = False
     deadline: float | None = None  # set when its worker starts: a request waiting for a slot is not late
@@ -132,6 +151,28 @@ class Stream:
     def completed(self) -> None:
         self.complete = True
         self.deadline = min(self.deadline or float("inf"), time.monotonic() + FINISH_GRACE_S)
+
+    @property
+    def ending(self) -> str:
+        """How this answer ended (core.api.ENDINGS), once its worker is done."""
+        if self.dropped:
+            return ABORTED
+        if self.error is not None or not self.complete:
+            return FAILED
+        return ending_of_finish(self.finish_reason)
+
+    @property
+    def ending_detail(self) -> str:
+        """The server's words for an ending that is not complete (for the warning)."""
+        if self.dropped:
+            return f"the stream closed after {self.tokens} tokens without a finish_reason or [DONE]"
+        if self.error is not None:
+            return clip(str(self.error), 300)
+        if self.complete and not self.finish_reason:
+            return "the stream ended with [DONE] and no finish_reason"
+        if self.ending in (ABORTED, FILTERED):
+            return f"finish_reason '{self.finish_reason}'"
+        return ""
 
     def take_usage(self, usage: dict[str, Any]) -> None:
         self.prompt_tokens = _count(usage.get("prompt_tokens"))
@@ -201,15 +242,14 @@ class StreamRunner:
 
     def read_stream(self, stream: Stream, resp: http.client.HTTPResponse) -> None:
         """Read server-sent events up to a finish, ``[DONE]`` or ``max_new_tokens`` tokens (then stop reading)."""
-        t_headers = time.perf_counter()
-        t_first: float | None = None
+        stream.t_headers = time.perf_counter()
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two events
         cap = max(1, stream.max_new_tokens)
         past_cap = 0  # events read since the cap was reached, waiting for the finish and usage chunks
         usage_seen = False
         try:
             for event in sse_events(resp):
-                if event is None:  # [DONE]
+                if event is None:  # [DONE]; without a finish_reason before it, an aborted answer (Stream.ending)
                     stream.complete = True
                     break
                 usage = event.get("usage")
@@ -220,22 +260,7 @@ class StreamRunner:
                 if not isinstance(choices, list):
                     raise AnswerError("sent an event whose 'choices' is not a list")
                 for choice in choices:
-                    if not isinstance(choice, dict):
-                        raise AnswerError("sent an event whose choice is not an object")
-                    delta = choice.get("delta") or {}
-                    content = delta.get("content") if isinstance(delta, dict) else None
-                    if content:  # one streamed chunk per token (the final usage gives the exact count)
-                        if not isinstance(content, str):
-                            raise AnswerError("sent a delta whose content is not text")
-                        if t_first is None:
-                            t_first = time.perf_counter()
-                            stream.first_token_s = t_first - t_headers
-                        if stream.tokens < cap:  # past the cap a server is not listening: its text is not kept
-                            stream.text += decoder.decode(raw_bytes(content))
-                        stream.tokens += 1
-                    if choice.get("finish_reason"):
-                        stream.finish_reason = clip(str(choice["finish_reason"]), 40)
-                        stream.completed()
+                    _take_choice(stream, choice, cap, decoder)
                 if stream.complete and usage_seen:
                     break  # nothing more to wait for; [DONE] or the close may never come
                 if stream.tokens >= cap:
@@ -250,13 +275,15 @@ class StreamRunner:
         except (OSError, http.client.IncompleteRead):
             stream.abort.check()
             if not stream.complete:
+                stream.dropped = True
                 raise self.faults.cut_off(stream.tokens) from None
         stream.text += decoder.decode(b"", final=True)
         if not stream.complete:
             stream.abort.check()  # a shut-down socket reads as the end of the stream
+            stream.dropped = True
             raise self.faults.cut_off(stream.tokens)
-        if t_first is not None:
-            stream.decode_s = time.perf_counter() - t_first
+        if stream.t_first is not None:
+            stream.decode_s = time.perf_counter() - stream.t_first
 
     def read_json_answer(self, stream: Stream, resp: http.client.HTTPResponse) -> None:
         """A 200 with ``application/json``: one non-streamed chat completion (a server that ignores ``stream``)."""
@@ -279,7 +306,8 @@ class StreamRunner:
             raise AnswerError(f"The server at {url} answered with JSON that is not a chat completion (no "
                               "choices[0].message.content): is server_url an OpenAI-compatible server?")
         stream.text = content or ""
-        stream.finish_reason = clip(str(choice.get("finish_reason") or "stop"), 40)
+        reason = choice.get("finish_reason")
+        stream.finish_reason = clip(str(reason), 40) if reason else None  # none given: an aborted answer
         usage = data.get("usage")
         if isinstance(usage, dict):
             stream.take_usage(usage)
@@ -359,6 +387,33 @@ class StreamRunner:
                     last_text = current.tokens
             time.sleep(POLL_S)
         return False
+
+
+def _take_choice(stream: Stream, choice: Any, cap: int, decoder: codecs.IncrementalDecoder) -> None:
+    """One streamed choice: its token (one chunk per token; the final usage gives the exact count) and its finish.
+
+    The server's first finish_reason ends the answer (what it sends after is not part of it); one that comes after
+    more than ``cap`` tokens does not count: the reader's cap already cut the answer.
+    """
+    if not isinstance(choice, dict):
+        raise AnswerError("sent an event whose choice is not an object")
+    if stream.server_finished:
+        return
+    delta = choice.get("delta") or {}
+    content = delta.get("content") if isinstance(delta, dict) else None
+    if content:
+        if not isinstance(content, str):
+            raise AnswerError("sent a delta whose content is not text")
+        if stream.t_first is None:
+            stream.t_first = time.perf_counter()
+            stream.first_token_s = stream.t_first - stream.t_headers
+        if stream.tokens < cap:  # past the cap a server is not listening: its text is not kept
+            stream.text += decoder.decode(raw_bytes(content))
+        stream.tokens += 1
+    if choice.get("finish_reason") and stream.tokens <= cap:
+        stream.finish_reason = clip(str(choice["finish_reason"]), 40)
+        stream.server_finished = True
+        stream.completed()
 
 
 def _abort_all(streams: list[Stream], reason: str) -> None:

@@ -50,6 +50,46 @@ THINKING_OPEN = "thinking_open"  # a thinking model's reasoning never closed (no
 ENDINGS = (COMPLETE, CUT, ABORTED, FILTERED, CANCELLED, FAILED, THINKING_OPEN)
 
 
+def ending_warning(index: int, count: int, ending: str, max_new_tokens: int, new_tokens: int | None = None,
+                   detail: str = "") -> str | None:
+    """What the user should read about an answer that did not end complete (None for a complete one).
+
+    ``new_tokens``: the answer's length, where known (a cut shorter than ``max_new_tokens`` hit the model's
+    context); ``detail``: the backend's own words (the server's finish_reason, the error).
+    """
+    if ending == COMPLETE:
+        return None
+    which = f"answer {index + 1} of {count}" if count > 1 else "the answer"
+    why = f" ({detail})" if detail else ""
+    if ending == CUT:
+        if new_tokens is not None and 0 < new_tokens < max_new_tokens:
+            return (f"{which} was cut at {new_tokens} new tokens, where the model's context ends: shorten the "
+                    "prompt or use a cheaper image_quality")
+        return f"{which} was cut at max_new_tokens={max_new_tokens}: raise max_new_tokens"
+    if ending == THINKING_OPEN:
+        return (f"{which} ended while still reasoning (no </think>, so no answer after it){why}: raise "
+                "max_new_tokens so the reasoning can close")
+    if ending == FILTERED:
+        return f"{which} was stopped by the server's content filter{why}: the text is partial"
+    if ending == ABORTED:
+        return f"{which} was aborted by the server{why}: the text may be partial; run it again"
+    if ending == CANCELLED:
+        return f"{which} was cancelled"
+    return f"{which} failed{why}"
+
+
+def note_endings(record: RunRecord, endings: list[str], max_new_tokens: int,
+                 new_tokens: list[int | None] | None = None, details: list[str] | None = None) -> None:
+    """Put each answer's ending in the timing record, and a warning for each one that is not complete."""
+    record.endings = list(endings)
+    for i, ending in enumerate(endings):
+        note = ending_warning(i, len(endings), ending, int(max_new_tokens),
+                              new_tokens[i] if new_tokens is not None else None,
+                              details[i] if details is not None else "")
+        if note is not None and note not in record.warnings:
+            record.warnings.append(note)
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     model: str

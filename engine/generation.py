@@ -38,6 +38,7 @@ from .structured import ConstraintStats, OutputSpec, make_constraint
 
 log = logging.getLogger("QwenVL-Fast")
 
+END_OF_TURN = "<|im_end|>"  # Qwen's chat templates end every turn with it
 STREAM_EVERY_TOKENS = 8  # partial text sent to the UI this often: decoding every token would cost more
 
 
@@ -61,6 +62,17 @@ def cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
     for k, token in enumerate(ids):
         if token in eos:
             return ids[:k + 1]
+    return ids
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """The chat template's end of turn (``<|im_end|>``) and the tokenizer's eos token, those it has."""
+    ids: set[int] = set()
+    vocab = tokenizer.get_vocab()
+    if END_OF_TURN in vocab:
+        ids.add(int(vocab[END_OF_TURN]))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
     return ids
 
 
@@ -220,10 +232,14 @@ class Generator:
         return max_new
 
     def eos_ids(self) -> set[int]:
-        eos = getattr(self.net.generation_config, "eos_token_id", None)
-        if eos is None:
-            return set()
-        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+        """The tokens an answer stops at: the generation config's, or, where it names none (fine-tunes and merges
+        often ship one without), the tokenizer's end of turn (``<|im_end|>``) and its eos token."""
+        eos = getattr(getattr(self.net, "generation_config", None), "eos_token_id", None)
+        if eos is not None:
+            ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+            if ids:
+                return ids
+        return end_of_turn_ids(self.tokenizer)
 
     # -- the skeleton both paths share ----------------------------------------------------------
     def _generate(self, req: GenerationRequest, mon: RunMonitor, inputs: dict[str, torch.Tensor],
@@ -233,7 +249,8 @@ class Generator:
 
         Cancel is polled per token; ``restore`` (the embeddings hand-over) is undone whatever happens; the run
         record gets the decode-compile status, the prefill and decode times and the new tokens (each row cut
-        after its first token of ``eos``), then ``GenerationInterrupted`` is raised if Cancel stopped the call.
+        after its first stop token: ``eos``, default ``eos_ids()``, which generate stops at), then
+        ``GenerationInterrupted`` is raised if Cancel stopped the call.
         """
         from transformers import StoppingCriteriaList
 
@@ -245,11 +262,16 @@ class Generator:
         self.decode_compile.prepare(gen_kwargs, rows, width, max_new, self.cache_kwarg)
         stats = self._constrain(gen_kwargs, rows, max_new) if self.output_spec.constrained else None
         pad_id = self.tokenizer.pad_token_id
+        eos = eos if eos is not None else self.eos_ids()
+        stop_ids = sorted(eos)
         try:
             with torch.inference_mode():
                 output = self.net.generate(
                     **inputs, **gen_kwargs, stopping_criteria=StoppingCriteriaList([stop]), streamer=timer,
                     pad_token_id=pad_id if pad_id is not None else self.tokenizer.eos_token_id,
+                    # the stop tokens said explicitly: a generation config that names none still stops at the end
+                    # of turn (eos_ids)
+                    eos_token_id=stop_ids or None,
                 )
         finally:
             timer.end()
@@ -267,7 +289,7 @@ class Generator:
             # RunMonitor.finish counts one first token per prefill; a batch's prefill gave one to each row
             mon.add("prefill", 0.0)
         mon.add("decode", timer.decode_s)
-        ids = [cut_at_eos(row, eos or set()) for row in output[:, width:].tolist()]
+        ids = [cut_at_eos(row, eos) for row in output[:, width:].tolist()]
         rec.new_tokens += sum(len(row) for row in ids)  # real tokens: the padding after a row's EOS is not
         if stop.stopped:
             rec.interrupted = True

@@ -21,7 +21,17 @@ from typing import Any
 import torch
 
 from .. import quality_presets as qp
-from ..core.api import ANSWER_BATCH_TOKENS, BATCH_MODES, GenerationRequest, GenerationResult, LoadOptions
+from ..core.api import (
+    ANSWER_BATCH_TOKENS,
+    BATCH_MODES,
+    COMPLETE,
+    CUT,
+    THINKING_OPEN,
+    GenerationRequest,
+    GenerationResult,
+    LoadOptions,
+    note_endings,
+)
 from ..core.errors import QwenVLError
 from ..embedding_cache import ImageEmbedding, get_cache
 from ..perf_monitor import TIPS, RunMonitor, RunRecord
@@ -35,7 +45,7 @@ from .interrupt import check_stop
 from .memory import expected_decode_tokens_per_s, free_after_oom, free_weights, unquantized_bf16_bytes
 from .prefix_cache import PrefixCache, prefix_cache_bytes
 from .prefix_reuse import PrefixReuse, reuse_off_reason
-from .prompting import PromptBuilder, split_thinking
+from .prompting import PromptBuilder, reasoning_open, split_thinking
 from .structured import spec_of
 from .vision_encode import VisionEncoder, image_spec_for
 
@@ -192,15 +202,20 @@ class QwenVLModel:
         except torch.OutOfMemoryError as exc:
             free_after_oom(self)  # memory pressure: the kept prefixes and compiled decode's cache go first
             raise QwenVLError(OUT_OF_MEMORY) from exc
-        texts, thoughts = [], []
-        for raw, _ in answers:
-            answer, thinking = split_thinking(raw)
+        texts, thoughts, endings = [], [], []
+        stops, opened = self.generation.eos_ids(), self.prompts.opens_thinking
+        for raw, ids in answers:
+            answer, thinking = split_thinking(raw, opened)
             texts.append(answer)
             thoughts.append(thinking)
+            # An answer is complete when it ended on a stop token; else max_new_tokens (or the context) cut it.
+            endings.append(THINKING_OPEN if reasoning_open(raw, opened) else
+                           COMPLETE if ids and ids[-1] in stops else CUT)
+        note_endings(rec, endings, int(req.max_new_tokens), new_tokens=[len(ids) for _, ids in answers])
         mon.finish()
         if cache is not None:  # after finish: these statistics are bookkeeping, not part of the run's time
             rec.cache_stats = cache.info()
-        return GenerationResult(texts, thoughts, rec, [ids for _, ids in answers])
+        return GenerationResult(texts, thoughts, rec, [ids for _, ids in answers], endings=endings)
 
     def _new_monitor(self, req: GenerationRequest) -> RunMonitor:
         mon = RunMonitor(enabled=req.monitor, device=self.device)

@@ -25,15 +25,22 @@ _CONTROL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|visi
                    "<|im_end|>", "<|endoftext|>")
 
 
-def split_thinking(raw: str) -> tuple[str, str]:
-    """(answer, reasoning). Thinking models open with <think> (often in the template) and close with </think>."""
+def split_thinking(raw: str, opened: bool = False) -> tuple[str, str]:
+    """(answer, reasoning). Thinking models open with <think> (often in the template: ``opened``, then the answer
+    holds no <think> of its own) and close with </think>."""
     if THINK_END in raw:
         reasoning, _, answer = raw.partition(THINK_END)
         return answer.strip(), reasoning.replace(THINK_START, "").strip()
-    if raw.lstrip().startswith(THINK_START):
+    if reasoning_open(raw, opened):
         # Cut off while still reasoning: there is no answer yet.
         return "", raw.replace(THINK_START, "").strip()
     return raw.strip(), ""
+
+
+def reasoning_open(raw: str, opened: bool = False) -> bool:
+    """Whether an answer ended inside its reasoning: <think> opened (by the template, ``opened``, or by the answer
+    itself) and never closed."""
+    return (opened or raw.lstrip().startswith(THINK_START)) and THINK_END not in raw
 
 
 class PromptBuilder:
@@ -57,6 +64,9 @@ class PromptBuilder:
         self.merge_size = merge_size
         self.with_mm_token_type_ids = with_mm_token_type_ids
         self._reserved = [t for t in (*_CONTROL_TOKENS, self.image_token) if t]
+        # Whether the last prompt built ends inside an open <think> (a thinking model's template opens it): the
+        # answer then starts in its reasoning.
+        self.opens_thinking = False
 
     def clean_user_text(self, text: str) -> str:
         """The user's text without chat-template control tokens (they would forge turns or image slots)."""
@@ -93,6 +103,8 @@ class PromptBuilder:
                                                              "text": self.clean_user_text(system_prompt)}]})
         messages.append({"role": "user", "content": content})
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turn = text.rpartition("<|im_start|>")[2]  # the assistant's turn the template opened
+        self.opens_thinking = turn.rfind(THINK_START) > turn.rfind(THINK_END)
         merge2 = self.merge_size ** 2
         pieces = text.split(self.image_token)
         if len(pieces) - 1 != len(images):

@@ -2,9 +2,10 @@
 the real server backend, with captions a test can predict exactly.
 
 ``ScriptedServer(reply)`` calls ``reply(server, body)`` for each chat request (``body`` is the request's JSON)
-and streams what it returns: a ``Reply`` (pieces of text, one event each, then a finish; or pieces then an
-in-band error event). ``/v1/models`` lists one model with a 14-pixel patch. The server records every request
-body in ``bodies``; tests may hang their own attributes on it. For misbehaving servers see ``hostile_server.py``.
+and streams what it returns: a ``Reply`` (pieces of text, one event each, then a finish with its
+``finish_reason`` and ``[DONE]``, or either left out; or pieces then an in-band error event). ``/v1/models``
+lists one model with a 14-pixel patch. The server records every request body in ``bodies``; tests may hang
+their own attributes on it. For misbehaving servers see ``hostile_server.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Reply:
     pieces: list[str] = field(default_factory=list)
     error: str | None = None  # after the pieces, an in-band error event instead of a finish
     completion_tokens: int = 3
+    finish_reason: str | None = "stop"  # None: no finish chunk (a bare [DONE], or a dropped stream)
+    done: bool = True  # end with "data: [DONE]"; False with no finish_reason: the stream just closes
 
 
 def first_pixel(body: dict[str, Any]) -> tuple[int, int, int]:
@@ -81,9 +84,11 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.error is not None:
             event({"error": {"message": reply.error, "code": 500}})
             return
-        event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-               "usage": {"prompt_tokens": 10, "completion_tokens": reply.completion_tokens}})
-        self.wfile.write(b"data: [DONE]\n\n")
+        if reply.finish_reason is not None:
+            event({"choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}],
+                   "usage": {"prompt_tokens": 10, "completion_tokens": reply.completion_tokens}})
+        if reply.done:
+            self.wfile.write(b"data: [DONE]\n\n")
 
 
 class ScriptedServer(ThreadingHTTPServer):
