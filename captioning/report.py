@@ -11,13 +11,14 @@ PNG file.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..core.errors import QwenVLError
 from .tag_rules import split_items, tag_key
 
 CHART_WIDTH = 768  # at least 512: readable on a Preview Image node at its default size
@@ -100,6 +101,31 @@ def build_report(statuses: Sequence[str], captions: Sequence[str]) -> FolderRepo
     return FolderReport(files_seen=len(statuses), captioned=kinds.count("captioned"),
                         skipped=kinds.count("skipped"), failed=kinds.count("failed"),
                         tags=count_tags(captions), lengths=[len(c.split()) for c in captions])
+
+
+def folder_report(results: Sequence[Any], files: Sequence[Path], extension: str,
+                  read: Callable[[Path], str] | None = None) -> FolderReport:
+    """The report of a Caption Folder run: ``results`` (``CaptionResult``, one per file seen) and the caption of
+    every file in ``files`` as the folder holds it now (read with ``commit.read_caption``: bounded, no link
+    followed). A file whose caption was only returned (``captioned``: caption files off) counts with that caption;
+    a missing, empty or unreadable caption file counts as none."""
+    if read is None:
+        from .commit import read_caption as read
+    from .listing import caption_path
+
+    returned = {r.path: r.caption for r in results if r.status == "captioned"}
+    captions = []
+    for f in files:
+        if f in returned:
+            captions.append(returned[f])
+            continue
+        try:
+            text = read(caption_path(f, extension))
+        except (OSError, QwenVLError):
+            continue
+        if text.strip():
+            captions.append(text)
+    return build_report([r.status for r in results], captions)
 
 
 # ------------------------------------------------------------------------------------- the chart

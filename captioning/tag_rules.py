@@ -23,7 +23,11 @@ taggui's "tags to exclude".
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import QwenVLError
 
 EMPTY_AFTER_RULES = "error: the tag rules removed every tag; nothing written"
 RULES_MAX_CHARS = 1 << 20  # a rules text is typed by a person; a megabyte is a pasted file by mistake
@@ -104,6 +108,21 @@ def parse_replace(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 def parse_rules(exclude_tags: str = "", replace_tags: str = "") -> TagRules:
     """Both inputs as one ``TagRules``; raises ``TagRuleError`` (a ValueError) with the line and the fix."""
     return TagRules(parse_exclude(exclude_tags or ""), parse_replace(replace_tags or ""))
+
+
+def caption_transform(rules: TagRules) -> Callable[[str, Path], str] | None:
+    """Caption Folder's hook for ``rules`` (None when there are none): the cleaned answer with the rules applied;
+    an answer they leave empty raises ``QwenVLError``, that file's error (nothing written)."""
+    if rules.empty:
+        return None
+
+    def apply(answer: str, path: Path) -> str:
+        out = rules.apply(answer)
+        if not out:
+            raise QwenVLError(EMPTY_AFTER_RULES.removeprefix("error: ") + f" (the answer was {answer[:80]!r})")
+        return out
+
+    return apply
 
 
 def _check_size(text: str, name: str) -> None:
