@@ -21,6 +21,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pack_path  # noqa: E402
 
 pack_path.import_pack()
-from qwenvl_fast import batch_caption as bc  # noqa: E402
+from qwenvl_fast import captioning as bc  # noqa: E402
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
 from qwenvl_fast.core.api import OUTPUT_FORMATS  # noqa: E402
@@ -255,6 +256,10 @@ def build_caption_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-write", action="store_true",
                      help="write no caption file: print each caption to stdout instead")
     out.add_argument("--json", action="store_true", help="print the results and the summary as one JSON object")
+    out.add_argument("--reset-ledger", action="store_true",
+                     help="forget which files of this folder earlier runs did (every setting's ledger), so that "
+                          "append / prepend / overwrite apply again; ledgers live in $QWENVL_FAST_LEDGER_DIR or the "
+                          "user data folder (README \"Caption Folder\")")
     out.add_argument("--verbose", action="store_true", help="the engine's timing line after every chunk, too")
     _structured_arguments(p.add_argument_group("structured output"), json_field=True)
     return p
@@ -334,33 +339,55 @@ def caption_folder_main(argv: list[str]) -> int:
         dtype=args.dtype, device=args.device, compile_vision=args.compile_vision, backend=args.backend,
         server_url=args.server_url, server_model=args.server_model, server_max_in_flight=args.server_max_in_flight,
         server_upload_format=args.server_upload_format)
+    if args.reset_ledger:
+        forgotten = bc.reset_folder_ledgers(folder)
+        print(f"[caption-folder] ledger reset: {forgotten} ledger(s) of {folder} forgotten", file=sys.stderr)
     stop = _StopOnSignal()
     request = ql.GenerationRequest(
         prompt=args.prompt, system_prompt=args.system_prompt, image_quality=args.quality,
         max_new_tokens=args.max_new_tokens, max_frames=args.max_frames, **_sampling_request_fields(args),
-        enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, should_stop=stop,
+        enable_image_cache=not args.no_cache, disk_cache=not args.no_disk_cache, should_stop=stop.at_once,
         output_format=args.output_format, json_schema=args.json_schema)
     try:  # a broken schema, or json/tags without llguidance on the local backend: before the model loads
         spec_of(request, need_grammar=args.backend != "server")
     except ql.QwenVLError as exc:
         return usage(str(exc))
+    with stop.installed():  # from here on, Ctrl-C and SIGTERM never print a traceback
+        return _load_and_caption(options, folder, request, caption, args, stop, usage)
+
+
+def _load_and_caption(options: ql.LoadOptions, folder: Path, request: ql.GenerationRequest,
+                      caption: bc.CaptionOptions, args: argparse.Namespace, stop: _StopOnSignal,
+                      usage: Callable[[str], int]) -> int:
     t0 = time.perf_counter()
     try:
         # Loaded (or connected to) first: a missing model or an unreachable server is a configuration error.
-        ql.MANAGER.get(options)
+        stop.loading = True
+        ql.MANAGER.get(options, should_stop=stop)
+    except ql.GenerationInterrupted:
+        ql.MANAGER.release()
+        print("[caption-folder] interrupted while loading the model; nothing was captioned", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ql.QwenVLError as exc:
         return usage(str(exc))
+    finally:
+        stop.loading = False
     load_s = time.perf_counter() - t0
     print(f"[caption-folder] {'connected to ' + args.server_url if args.backend == 'server' else args.model} "
           f"in {load_s:.1f}s; captioning {folder}", file=sys.stderr, flush=True)
     t1 = time.perf_counter()
     try:
-        with stop.installed():
-            progress = Progress()
-            results = bc.caption_folder(options, folder, request, caption=caption, on_file=progress,
-                                        on_start=progress.start, include_videos=args.include_videos)
+        progress = Progress()
+        results = bc.caption_folder(options, folder, request, caption=caption, on_file=progress,
+                                    on_start=progress.start, include_videos=args.include_videos,
+                                    stop_after_chunk=stop)
+    except bc.FolderInterrupted as exc:
+        written = sum(r.status in ("written", "captioned") for r in exc.results)
+        print(f"[caption-folder] interrupted: {written} caption(s) committed, whole; {exc.unfinished} answer(s) "
+              "unfinished, dropped; run again to go on", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ql.GenerationInterrupted:
-        print("[caption-folder] interrupted: the captions already written stay, whole; run again to go on",
+        print("[caption-folder] interrupted; the captions already written stay, whole; run again to go on",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except ql.QwenVLError as exc:  # a fault that hit the whole folder (the server went away, a refused key)
@@ -395,21 +422,27 @@ def _report(results: list, args: argparse.Namespace, folder: Path, elapsed: floa
 
 
 class _StopOnSignal:
-    """``should_stop`` for the folder: the first Ctrl-C (SIGINT) or SIGTERM asks the folder to stop after the chunk
-    in flight (what is written stays whole); a second Ctrl-C interrupts at once."""
+    """Ctrl-C (SIGINT) and SIGTERM for the folder. The first asks the folder to stop after the answers in flight
+    (``__call__``: every answer that completes is committed); a second one stops them at once (``at_once``, the
+    request's ``should_stop``: the unfinished ones are dropped). While the model loads, either stops the load."""
 
     def __init__(self) -> None:
-        self.asked = False
+        self.asked = 0
+        self.loading = False
 
     def __call__(self) -> bool:
-        return self.asked
+        return self.asked > 0
+
+    def at_once(self) -> bool:
+        return self.asked > 1
 
     def _handle(self, signum, frame) -> None:
-        if self.asked and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.asked = True
-        print("\n[caption-folder] stopping after the files in flight (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        self.asked += 1
+        if self.loading:
+            raise ql.GenerationInterrupted("interrupted while loading the model")
+        if self.asked == 1:
+            print("\n[caption-folder] stopping after the answers in flight, each committed as it completes "
+                  "(Ctrl-C again to drop them and stop at once)", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def installed(self):

@@ -45,6 +45,7 @@ from .cache.entry_format import (
 )
 from .cache.location import CACHE_DIR_ENV, CACHE_SUBDIR, default_cache_dir, set_default_cache_root
 from .core.lru import LRU, ByteBudgetCache
+from .core.settings import env_mib
 
 __all__ = [
     "CACHE_DIR_ENV", "CACHE_FORMAT_VERSION", "CACHE_SUBDIR", "CHECKSUM_FIELD", "DEFAULT_DISK_BYTES",
@@ -277,6 +278,8 @@ class EmbeddingCache:
 
 
 # The process-wide caches: one per disk setting and folder, their memory tiers emptied when the model goes.
+CACHE_MEMORY_ENV = "QWENVL_FAST_CACHE_MEMORY_MB"
+CACHE_DISK_ENV = "QWENVL_FAST_CACHE_DISK_MB"
 _CACHES: dict[tuple, EmbeddingCache] = {}
 
 
@@ -285,8 +288,8 @@ def get_cache(use_disk: bool = True) -> EmbeddingCache:
     disk_dir = os.environ.get(CACHE_DIR_ENV, "")
     key = (use_disk, disk_dir)
     if key not in _CACHES:
-        mem = int(os.environ.get("QWENVL_FAST_CACHE_MEMORY_MB", "1024")) << 20
-        disk = int(os.environ.get("QWENVL_FAST_CACHE_DISK_MB", "4096")) << 20
+        mem = env_mib(CACHE_MEMORY_ENV, 1024)
+        disk = env_mib(CACHE_DISK_ENV, 4096)
         _CACHES[key] = EmbeddingCache(memory_bytes=mem, disk_bytes=disk, use_disk=use_disk)
     return _CACHES[key]
 

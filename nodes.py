@@ -7,17 +7,15 @@ manager, interrupt, progress) is in ``comfy_glue.py``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
+from . import captioning as cap
 from . import quality_presets as qp
 from . import qwenvl_loader as ql
-from .batch_caption import CAPTION_EXTENSIONS, EXISTING_MODES, CaptionOptions, caption_folder, folder_fingerprint
-from .batch_caption import summarize as summarize_captions
+from .captioning.progress import bounded_lines, progress_with_eta, shown_name
 from .comfyui_host import glue as comfy_glue
 from .core.api import BACKENDS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_VIDEO_FPS, UPLOAD_FORMATS, VideoClip
 from .embedding_cache import CACHE_DIR_ENV
@@ -472,11 +470,11 @@ class QwenVLFastCaptionFolder:
                     "Put verbatim before every written caption (a trigger word: 'ohwx, ').")}),
                 "suffix": ("STRING", {"default": "", **_tip(
                     "Put verbatim after every written caption (', best quality').")}),
-                "existing": (EXISTING_MODES, {"default": "skip", **_tip(
+                "existing": (cap.EXISTING_MODES, {"default": "skip", **_tip(
                     "Where a caption exists: skip the file, overwrite it, append the new caption after it or "
                     "prepend it (joined with ', ', or a space after punctuation). The overwrite switch on means "
                     "overwrite when this is skip.")}),
-                "extension": (CAPTION_EXTENSIONS, {"default": ".txt", **_tip(
+                "extension": (cap.CAPTION_EXTENSIONS, {"default": ".txt", **_tip(
                     "The caption files' extension (some trainers read .caption).")}),
                 "recursive": ("BOOLEAN", {"default": False, **_tip(
                     "Subfolders too (not hidden ones, no links leading out), each caption beside its file.")}),
@@ -492,21 +490,20 @@ class QwenVLFastCaptionFolder:
 
     @classmethod
     def IS_CHANGED(cls, **inputs: Any) -> str | float:
-        """The folder's state and the settings, so that ComfyUI runs the node again when either changed.
-
-        Without it ComfyUI served its cached result for an unchanged workflow, so images added to the folder
-        were never captioned. Stat calls only (``folder_fingerprint``). ComfyUI passes the widget values; the
-        model link is absent or None here and is left out (ComfyUI tracks the upstream node itself). What this
-        node's own last run wrote does not count as a change (see ``_remember_run``). A folder that cannot be
-        listed gives a new NaN, unequal to everything, so the run happens and fails with the clear error.
+        """What is left to do in the folder with these settings (``captioning.pending_digest``: the listing and the
+        ledger, stat calls only), so that ComfyUI runs the node while files are not done (new ones, failed ones,
+        the next ``limit``) and keeps its cached result once nothing is left. ComfyUI passes the widget values; the
+        model link is absent or None here. A folder that cannot be listed gives a new NaN (unequal to everything),
+        so the run happens and fails with the clear error.
         """
         try:
             settings = _caption_settings(inputs)
-            now = _fingerprint(_folder_path(inputs.get("folder")), settings)
+            request = ql.GenerationRequest.from_inputs(_request_inputs(settings))
+            return cap.pending_digest(_folder_path(settings.get("folder")), _caption_options(settings), request,
+                                  bool(settings["include_videos"]))
         except Exception as exc:  # IS_CHANGED must not raise: ComfyUI would only log it
             log.debug("[QwenVL-Fast] Caption Folder IS_CHANGED: %s", exc)
             return float("nan")
-        return _changed_value(_settings_key(settings), now)
 
     def caption(self, qwenvl_model: QwenVLHandle, folder: str, write_txt: bool, overwrite: bool,
                 unique_id: str | None = None, include_videos: bool = False, **inputs: Any) -> dict[str, Any]:
@@ -514,116 +511,50 @@ class QwenVLFastCaptionFolder:
         path = _folder_path(folder)
         settings = _caption_settings(dict(inputs, folder=folder, write_txt=write_txt, overwrite=overwrite,
                                           include_videos=include_videos))
-        key = _settings_key(settings)
-        before = _fingerprint_or_none(path, settings)
-        on_progress, on_text = comfy_glue.progress_callbacks(unique_id)
-        request = ql.GenerationRequest.from_inputs(
-            {k: v for k, v in inputs.items() if k not in _CAPTION_OPTION_INPUTS}, should_stop=comfy_glue.interrupted)
-        on_file = _progress_with_eta(on_progress, on_text)
+        request = ql.GenerationRequest.from_inputs(_request_inputs(settings), should_stop=comfy_glue.interrupted)
+        on_file = progress_with_eta(*comfy_glue.progress_callbacks(unique_id))
+        options = _caption_options(settings)
+        before = cap.pending_digest(path, options, request, include_videos) if path.is_dir() else ""
         try:
-            results = caption_folder(handle.options, path, request, caption=_caption_options(settings),
-                                     keep_model_loaded=handle.keep_model_loaded, on_file=on_file,
-                                     on_start=on_file.start, include_videos=include_videos)
-        except ql.GenerationInterrupted:
+            results = cap.caption_folder(handle.options, path, request, caption=options, on_file=on_file,
+                                         keep_model_loaded=handle.keep_model_loaded, on_start=on_file.start,
+                                         include_videos=include_videos)
+        except cap.FolderInterrupted as exc:
+            log.warning("[QwenVL-Fast] Caption Folder %s stopped: %s; %d answer(s) in flight dropped", path,
+                        cap.summarize(exc.results), exc.unfinished)
             comfy_glue.raise_interrupt()
             raise
-        # A run that left files for later (limit) counts like one with errors: the next queue runs again.
-        again = any(r.status.startswith("error") or r.status.startswith("skipped: past the limit") for r in results)
-        _remember_run(key, before, _fingerprint_or_none(path, settings), again)
-        captions = [r.caption for r in results]
-        files = [str(r.path) for r in results]
-        lines = _bounded_lines([(f"{_shown_name(r.path, path)}: {r.status}", r.status.startswith("error"))
-                                for r in results])
-        summary = summarize_captions(results)
+        if before:
+            cap.remember_settled(path, options, request, include_videos, before)
+        lines = bounded_lines([(f"{shown_name(r.path, path)}: {r.status}", r.status.startswith("error"))
+                               for r in results])
+        summary = cap.summarize(results)
         log.info("[QwenVL-Fast] Caption Folder %s: %s", path, summary)
         return {"ui": {"text": [summary] + (lines or ["no images found"]), "summary": [summary]},
-                "result": (captions, files)}
+                "result": ([r.caption for r in results], [str(r.path) for r in results])}
 
 
-# Caption Folder runs that finished: settings key -> (IS_CHANGED's value before the run, the folder's state after
-# it, whether a file ended in an error). The captions a run writes change the folder; without this, the next queue
-# would run the whole folder again (with overwrite on: every queue re-captions every file) although nothing
-# changed but our own output.
-_CAPTION_RUNS: dict[str, tuple[str, str, bool]] = {}
-_CAPTION_RUNS_KEPT = 64
 _NOT_SETTINGS = ("qwenvl_model", "unique_id")
 # The inputs that become CaptionOptions, with the values that give the node's behaviour before they existed.
 _CAPTION_OPTION_DEFAULTS = {"prefix": "", "suffix": "", "existing": "skip", "extension": ".txt", "recursive": False,
                             "limit": 0, "write_jsonl": False, "json_field": ""}
-_CAPTION_OPTION_INPUTS = tuple(_CAPTION_OPTION_DEFAULTS)
+_NOT_REQUEST = (*_CAPTION_OPTION_DEFAULTS, "folder", "write_txt", "overwrite", "include_videos")
 
 
-def _caption_options(settings: dict[str, Any]) -> CaptionOptions:
+def _request_inputs(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in _NOT_REQUEST}
+
+
+def _caption_options(settings: dict[str, Any]) -> cap.CaptionOptions:
     """The node's settings as CaptionOptions (overwrite on with existing "skip" means overwrite)."""
     existing = settings["existing"]
     if settings.get("overwrite") and existing == "skip":
         existing = "overwrite"
-    return CaptionOptions(
+    return cap.CaptionOptions(
         prefix=str(settings["prefix"]), suffix=str(settings["suffix"]), existing=existing,
         extension=settings["extension"], recursive=bool(settings["recursive"]), limit=int(settings["limit"]),
         write_jsonl=bool(settings["write_jsonl"]), write_captions=bool(settings.get("write_txt", True)),
         json_field=str(settings["json_field"]).strip())
-
-
-# Lines of Caption Folder's ui text kept (/history and the saved workflow hold them): a folder of 100,000 files
-# must not put 100,000 lines into every saved workflow. The outputs keep every file; the summary counts them all.
-SHOWN_LINES = 200
-
-
-def _bounded_lines(lines: list[tuple[str, bool]], limit: int = SHOWN_LINES) -> list[str]:
-    """At most ``limit`` of (line, is_error): errors first (what the user must act on), then the rest, and a count
-    of the others; in the folder's order when all fit."""
-    if len(lines) <= limit:
-        return [line for line, _ in lines]
-    errors = [line for line, bad in lines if bad]
-    others = [line for line, bad in lines if not bad]
-    kept = (errors + others)[:limit - 1]
-    more = len(lines) - len(kept)
-    return kept + [f"... and {more} more files (all of them are in the 'files' and 'captions' outputs)"]
-
-
-def _shown_name(file: Path, folder: Path) -> str:
-    """A file as the node's text shows it: its name, or its path inside the folder when it is in a subfolder."""
-    try:
-        return file.relative_to(folder.expanduser()).as_posix()
-    except ValueError:
-        return file.name
-
-
-def _eta_text(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-def _progress_with_eta(on_progress, on_text, clock=time.monotonic):
-    """Caption Folder's ``on_file``: the progress bar, and "done/total files, about m:ss left" as progress text.
-
-    The estimate is the time per file so far times the files left, counted from ``on_file.start`` (caption_folder's
-    ``on_start``: before any model work, with the files decided up front, which cost nothing); before any model
-    work has finished there is no estimate yet.
-    """
-    state: dict[str, Any] = {"start": clock(), "first": 0}
-
-    def start(done: int, total: int) -> None:
-        state["start"], state["first"] = clock(), done
-        on_progress(done, total)
-        on_text(f"{done}/{total} files")
-
-    def on_file(done: int, total: int) -> None:
-        on_progress(done, total)
-        now = clock()
-        worked = done - state["first"]
-        elapsed = now - state["start"]
-        text = f"{done}/{total} files"
-        if worked > 0 and done < total:
-            text += f", about {_eta_text(elapsed / worked * (total - done))} left"
-        elif done >= total:
-            text += ", done"
-        on_text(text)
-
-    on_file.start = start  # type: ignore[attr-defined]
-    return on_file
 
 
 def _folder_path(folder: Any) -> Path:
@@ -642,46 +573,6 @@ def _caption_settings(inputs: dict[str, Any]) -> dict[str, Any]:
     for k, v in _CAPTION_OPTION_DEFAULTS.items():
         settings.setdefault(k, v)
     return settings
-
-
-def _settings_key(settings: dict[str, Any]) -> str:
-    return json.dumps(settings, sort_keys=True, default=repr)
-
-
-def _changed_value(key: str, fingerprint: str) -> str | float:
-    """IS_CHANGED's value: the folder's state with the settings, or, when the folder is as this node's last run
-    with these settings left it, the value ComfyUI saw before that run (so its cached result is used)."""
-    before, after, errors = _CAPTION_RUNS.get(key, (None, None, False))
-    if before is not None and fingerprint == after:
-        # After errors, queueing again must retry: what failed (a read-only folder, a server's bad answer) may be
-        # fixed without any change the listing shows. Files already captioned are skipped, so a retry is cheap.
-        return float("nan") if errors else before
-    return hashlib.sha256(f"{key}\0{fingerprint}".encode()).hexdigest()
-
-
-def _fingerprint(path: Path, settings: dict[str, Any]) -> str:
-    """The folder's state as this node's settings see it (recursive listing, caption extension, metadata.jsonl)."""
-    return folder_fingerprint(path, bool(settings["include_videos"]), recursive=bool(settings["recursive"]),
-                              extension=settings["extension"], write_jsonl=bool(settings["write_jsonl"]))
-
-
-def _fingerprint_or_none(path: Path, settings: dict[str, Any]) -> str | None:
-    try:
-        return _fingerprint(path, settings)
-    except Exception:  # a missing folder: caption_folder says so clearly
-        return None
-
-
-def _remember_run(key: str, before: str | None, after: str | None, errors: bool) -> None:
-    if before is None or after is None:
-        return
-    seen = _changed_value(key, before)  # computed before the pop: what IS_CHANGED told ComfyUI for this run
-    _CAPTION_RUNS.pop(key, None)
-    if not isinstance(seen, str):  # it told a NaN, which nothing equals: any value makes the next queue run once
-        seen = hashlib.sha256(f"{key}\0{before}".encode()).hexdigest()
-    _CAPTION_RUNS[key] = (seen, after, errors)
-    while len(_CAPTION_RUNS) > _CAPTION_RUNS_KEPT:
-        _CAPTION_RUNS.pop(next(iter(_CAPTION_RUNS)))
 
 
 def _handle(value: Any) -> QwenVLHandle:

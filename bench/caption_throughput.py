@@ -5,10 +5,10 @@
         --markdown docs/benchmark-cpu-caption-throughput.md          # 64 images, 3 rounds; ~15 min on 2 cores
     python bench/caption_throughput.py --quick                      # smoke run: 8 small images, 1 round
 
-The rows, each a whole Caption Folder run (``batch_caption.caption_folder``: read the files, answer, write the
+The rows, each a whole Caption Folder run (``captioning.caption_folder``: read the files, answer, write the
 caption files) over a folder of ``--images`` files of several sizes (PNG and, for the large ones, JPEG):
 
-(a) ``one_by_one``: the local model, one image per ``run_once`` (``batch_caption.CHUNK`` set to 1);
+(a) ``one_by_one``: the local model, one image per ``run_once`` (``captioning.CHUNK`` set to 1);
 (b) ``batched``: the local model, Caption Folder's own chunks (``CHUNK`` images per ``run_once``, encoded
     together, one answer per image generated in one batch);
 (c) ``server``: the server backend against a real vLLM (OpenAI-compatible, its CPU build) serving the same model
@@ -63,9 +63,10 @@ import bench  # noqa: E402, F401  (the pack as qwenvl_fast)
 from bench.cli import machine_info  # noqa: E402
 from bench.fmt import fmt_ratio, fmt_time  # noqa: E402
 from bench.inputs import CAPTION_PROMPT, make_uint8_image  # noqa: E402
-from qwenvl_fast import batch_caption as bc  # noqa: E402
+from qwenvl_fast import captioning as bc  # noqa: E402
 from qwenvl_fast import embedding_cache as caches  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
+from qwenvl_fast.core.settings import env_float  # noqa: E402
 from qwenvl_fast.sources import synthetic  # noqa: E402
 
 log = logging.getLogger("QwenVL-Fast.bench")  # INFO while the engine's own logger says WARNING only
@@ -140,13 +141,15 @@ def recorded_runs() -> Iterator[list[Any]]:
 @contextlib.contextmanager
 def chunk_of(size: int | None) -> Iterator[None]:
     """Caption Folder's local chunk size set to ``size`` inside the block (None: unchanged)."""
-    before = bc.CHUNK
+    from qwenvl_fast.captioning import run as caption_run
+
+    before = caption_run.CHUNK
     if size is not None:
-        bc.CHUNK = size
+        caption_run.CHUNK = size
     try:
         yield
     finally:
-        bc.CHUNK = before
+        caption_run.CHUNK = before
 
 
 def empty_memory_caches() -> None:
@@ -203,7 +206,7 @@ def start_vllm(model_dir: Path, log_dir: Path) -> tuple[Any, str | None]:
         return None, reason
     server = vs.VllmServer(model_dir, served_name=SERVED_NAME, log_path=log_dir / "vllm-server.log")
     try:
-        server.start(timeout=float(os.environ.get("QWENVL_FAST_VLLM_START_TIMEOUT", "300")))
+        server.start(timeout=env_float("QWENVL_FAST_VLLM_START_TIMEOUT", 300.0, 1.0))
     except Exception as exc:
         return None, f"vLLM did not start: {str(exc)[:2000]}"
     log.info("[bench] vLLM answered /health after %.1f s at %s", server.start_seconds, server.url)

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import llama_fixture  # noqa: E402
 from bench.server import write_images  # noqa: E402 (the server benchmark's noise images)
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
-from qwenvl_fast.batch_caption import caption_folder  # noqa: E402
+from qwenvl_fast.captioning import caption_folder  # noqa: E402
 
 _PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
 _EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) tokens")

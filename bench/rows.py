@@ -7,7 +7,7 @@ from typing import Any
 
 from bench.inputs import N_MULTI, PRESETS, int_list, parse_size
 from bench.measure import Row
-from qwenvl_fast import batch_caption
+from qwenvl_fast import captioning
 from qwenvl_fast.core.api import ANSWER_BATCH_TOKENS
 
 
@@ -77,7 +77,7 @@ def answer_row_labels(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
         "answers.decode_eager": ("answers", f"decode per token, eager (compile_decode=off), {t} new tokens"),
         "answers.decode_auto": ("answers", f"decode per token, compile_decode=auto, {t} new tokens"),
         "answers.folder_one_by_one": ("answers", f"{folder}: one by one"),
-        "answers.folder_batched": ("answers", f"{folder}: batched ({batch_caption.CHUNK} images per run)"),
+        "answers.folder_batched": ("answers", f"{folder}: batched ({captioning.CHUNK} images per run)"),
     }
 
 

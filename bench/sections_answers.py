@@ -19,7 +19,7 @@ from bench.fmt import fmt_time
 from bench.inputs import CAPTION_PROMPT, SYSTEM_PROMPT, count_generate_calls, write_image_folder
 from bench.measure import median
 from bench.rows import answer_row_labels
-from qwenvl_fast import batch_caption
+from qwenvl_fast import captioning
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.core.api import ANSWER_BATCH_TOKENS
 from qwenvl_fast.engine.memory import decode_bytes_per_token, device_memory_bandwidth
@@ -183,7 +183,7 @@ class AnswerSections(Bench):
             calls = self.qm.vision_calls
             gc.collect()
             with self.clock.time() as tm:
-                results = batch_caption.caption_folder(self.qm.options, folder, req, write_txt=True, overwrite=True,
+                results = captioning.caption_folder(self.qm.options, folder, req, write_txt=True, overwrite=True,
                                                        keep_model_loaded=True, manager=manager)
             bad = [f"{r.path.name}: {r.status}" for r in results if r.status != "written"]
             if len(results) != f or bad:
@@ -194,7 +194,7 @@ class AnswerSections(Bench):
             empty_cache()
             tm, calls = caption(ANSWER_BATCH_TOKENS)  # the first pass: every image a miss (the warm-up)
             first = dict(first_pass_s=tm["wall"], first_pass_cpu_s=tm["cpu"], first_pass_vision_calls=calls)
-            chunks = math.ceil(f / batch_caption.CHUNK)
+            chunks = math.ceil(f / captioning.CHUNK)
             for r, warm in self.rounds("answers: caption folder", int(self.args.repeats)):
                 got: dict[str, dict[str, float]] = {}
                 for v in (["one_by_one", "batched"] if r % 2 == 0 else ["batched", "one_by_one"]):

@@ -25,7 +25,7 @@ import pack_path  # noqa: E402
 
 pack_path.import_pack()
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
-from qwenvl_fast.batch_caption import caption_folder  # noqa: E402
+from qwenvl_fast.captioning import caption_folder  # noqa: E402
 
 
 def write_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:

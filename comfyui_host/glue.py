@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import embedding_cache
 from .. import qwenvl_loader as ql
+from ..captioning import ledger as caption_ledger
 from ..sources import models as model_sources
 from . import model_manager as comfy_model_manager
 
@@ -46,6 +47,7 @@ def connect() -> None:
     root = (folder_paths.get_user_directory() if hasattr(folder_paths, "get_user_directory")
             else folder_paths.get_temp_directory() if hasattr(folder_paths, "get_temp_directory") else None)
     embedding_cache.set_default_cache_root(root)
+    caption_ledger.set_host_root(root)  # Caption Folder's ledgers: <user>/qwenvl_fast/ledgers
     if mm is not None:
         try:
             from comfy.model_patcher import ModelPatcher  # type: ignore[import-not-found]

@@ -19,7 +19,6 @@ the same system prompt has the same prefix, so its KV is taken from here and onl
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -27,21 +26,17 @@ from typing import Any
 import torch
 
 from ..core.lru import ByteBudgetCache
+from ..core.settings import env_mib
 
 log = logging.getLogger("QwenVL-Fast")
 
 DEFAULT_PREFIX_CACHE_MB = 512
+PREFIX_CACHE_ENV = "QWENVL_FAST_PREFIX_CACHE_MB"
 
 
 def prefix_cache_bytes() -> int:
     """The byte budget of one model's prefix cache (``QWENVL_FAST_PREFIX_CACHE_MB``; 0 turns reuse off)."""
-    raw = os.environ.get("QWENVL_FAST_PREFIX_CACHE_MB", str(DEFAULT_PREFIX_CACHE_MB))
-    try:
-        return max(int(float(raw) * (1 << 20)), 0)
-    except ValueError:
-        log.warning("[QwenVL-Fast] QWENVL_FAST_PREFIX_CACHE_MB=%r is not a number; using %d", raw,
-                    DEFAULT_PREFIX_CACHE_MB)
-        return DEFAULT_PREFIX_CACHE_MB << 20
+    return env_mib(PREFIX_CACHE_ENV, DEFAULT_PREFIX_CACHE_MB)
 
 
 def prefix_length(input_ids: torch.Tensor, vision_end_id: int) -> int:

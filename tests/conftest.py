@@ -75,8 +75,10 @@ def models_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Each test gets its own disk-cache folder and a fresh process-wide cache and model manager."""
+    """Each test gets its own disk-cache and caption-ledger folders, a fresh process-wide cache and model manager."""
     monkeypatch.setenv("QWENVL_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    # Caption Folder's ledgers: per test, beside (not inside) tmp_path, which tests check for stray files.
+    monkeypatch.setenv("QWENVL_FAST_LEDGER_DIR", str(tmp_path.parent / f"{tmp_path.name}-ledgers"))
     from qwenvl_fast import embedding_cache as caches
     from qwenvl_fast import qwenvl_loader as ql
 

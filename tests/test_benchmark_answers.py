@@ -60,7 +60,7 @@ def test_answers_rows_are_measured_through_their_paths(answers_run):
     assert rows["answers.each_one_by_one"]["metrics"]["speedup_vs_one_by_one"] == 1.0
 
     first = rows["answers.folder_batched"]["info"]
-    assert first["first_pass_vision_calls"] == math.ceil(ans["folder_images"] / 4)  # batch_caption.CHUNK
+    assert first["first_pass_vision_calls"] == math.ceil(ans["folder_images"] / 4)  # captioning.CHUNK
     assert ans["folder_cache"] == "warm"  # the CPU default: the timed passes re-caption from the cache
 
     for rid in GPU_ROWS:

@@ -22,7 +22,7 @@ import pytest
 from scripted_server import Reply, ScriptedServer, first_pixel
 
 from conftest import TINY_FAMILIES
-from qwenvl_fast import batch_caption as bc
+from qwenvl_fast import captioning as bc
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.backends import openai_server as sb
 from qwenvl_fast.vision.images import load_image_file
@@ -217,11 +217,10 @@ def test_odd_existing_captions_are_each_an_error_and_the_folder_goes_on(echo, di
     finally:
         finished.set()
     expected = {
-        "big.png": "error: big.txt is larger than 1024 KiB, too large for a caption: move it away, or turn overwrite "
-                   "on to replace it",
+        # skip never reads the caption it skips: a huge or non-UTF-8 one is skipped like any other
+        "big.png": "skipped",
         "bom.png": "skipped",
-        "cp.png": "error: cp.txt is not UTF-8 text (byte 0xe9 at offset 3): re-save it as UTF-8, or turn overwrite "
-                  "on to replace it",
+        "cp.png": "skipped",
         "dev.png": "error: dev.txt is a character device, not a caption file: move or rename it, and run again",
         "dir.png": "error: dir.txt is a folder, not a caption file: move or rename it, and run again",
         "empty.png": "skipped: empty.txt is empty (turn overwrite on to caption it again)",
@@ -232,7 +231,11 @@ def test_odd_existing_captions_are_each_an_error_and_the_folder_goes_on(echo, di
     if not has_device:
         del expected["dev.png"]
     assert statuses(results) == expected
-    assert captions(results)["bom.png"] == "a caption from Notepad"  # the BOM is not part of the caption
+    assert captions(results)["bom.png"] == ""  # not read
+    append = bc.caption_folder(served(echo), folder, request(), caption=bc.CaptionOptions(existing="append",
+                                                                                          write_captions=False))
+    assert captions(append)["bom.png"].startswith("a caption from Notepad, ")  # the BOM is not part of the caption
+    assert statuses(append)["cp.png"] == "captioned"  # captions only returned: one that cannot be read is none
     assert (folder / "ok.txt").read_text(encoding="utf-8") == streamed(BLUE)
     assert (folder / "cp.txt").read_bytes() == "café au lait".encode("cp1252")  # left as it was
 
@@ -328,7 +331,7 @@ def test_empty_answers_are_errors_and_write_nothing_through_the_node(echo, dirs)
                                          "skipped"), "spaces.png: " + bc.EMPTY_ANSWER]
         assert out["ui"]["text"][0].startswith("1 written, 0 skipped, 2 failed (blank.png: the model gave an empty"
                                                 if _ == 0 else "0 written, 1 skipped, 2 failed (blank.png: ")
-        assert out["result"][0] == ["", streamed(BLUE), ""]
+        assert out["result"][0] == ["", streamed(BLUE) if _ == 0 else "", ""]  # a skipped caption is not read
         assert sorted(p.name for p in folder.iterdir()) == ["blank.png", "fine.png", "fine.txt", "spaces.png"]
     ql.MANAGER.release()
 
@@ -431,7 +434,7 @@ def test_is_changed_follows_the_folder_and_the_settings_not_our_own_writes(model
     assert isinstance(first, str) and changed() == first
     out = node().caption(qwenvl_model=handle, **widgets)
     assert [line.split(": ")[1] for line in out["ui"]["text"][1:]] == ["written", "written"]
-    assert changed() == first  # what the run wrote is not a change: ComfyUI keeps the cached result
+    assert changed() == first  # nothing is left to do: the value before the run, so ComfyUI keeps its result
 
     Image.new("RGB", (70, 30), (180, 100, 200)).save(folder / "img2.png")  # a new image: run again
     second = changed()
@@ -440,9 +443,9 @@ def test_is_changed_follows_the_folder_and_the_settings_not_our_own_writes(model
     assert [line.split(": ")[1] for line in out["ui"]["text"][1:]] == ["skipped", "skipped", "written"]
     assert changed() == second
 
-    (folder / "img0.txt").write_text("edited by hand, longer", encoding="utf-8")  # a caption changed: run again
-    assert changed() not in (first, second)
-    assert changed(prompt="Other.") != changed() and changed(include_videos=True) != changed()
+    (folder / "img0.txt").write_text("edited by hand, longer", encoding="utf-8")  # skip mode has nothing to do
+    assert changed() == second
+    assert changed(prompt="Other.") != changed()
     assert changed(include_videos=False) == changed()  # a workflow saved before the input is the same run
 
     overwrite = changed(overwrite=True)  # overwrite rewrites every caption: still cached when nothing else moved
@@ -478,7 +481,10 @@ def test_is_changed_retries_a_folder_whose_last_run_had_errors(echo, dirs):
     out = node().caption(qwenvl_model=handle, **widgets)
     assert out["ui"]["text"][1:] == ["blank.png: " + bc.EMPTY_ANSWER, "fine.png: written"]
     retry = node.IS_CHANGED(**widgets)
-    assert retry != retry  # NaN: queueing again runs, although the listing shows nothing new
+    assert retry != first  # the ledger holds the failure: queueing again runs, although the listing shows nothing new
+    again = node().caption(qwenvl_model=handle, **widgets)
+    assert again["ui"]["text"][1:] == ["blank.png: " + bc.EMPTY_ANSWER, "fine.png: skipped"]
+    assert node.IS_CHANGED(**widgets) not in (first, retry)  # failed again: the next queue retries again
     (folder / "blank.png").unlink()  # the fix: here, the file that gets no answer goes
     out = node().caption(qwenvl_model=handle, **widgets)
     assert out["ui"]["text"][1:] == ["fine.png: skipped"]

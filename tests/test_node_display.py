@@ -128,10 +128,12 @@ def test_cache_info_orders_after_a_job_and_sums_up(nodes):
 
 
 def test_caption_folder_ui_lines_are_bounded_with_errors_first(nodes):
+    from qwenvl_fast.captioning.progress import bounded_lines
+
     lines = [(f"img{i}.png: written", False) for i in range(1000)] + [("bad.png: error: unreadable", True)]
-    shown = nodes._bounded_lines(lines, limit=50)
+    shown = bounded_lines(lines, limit=50)
     assert len(shown) == 50
     assert shown[0] == "bad.png: error: unreadable"
     assert shown[-1].startswith("... and 952 more files")
     few = [("a.png: written", False), ("b.png: error: x", True)]
-    assert nodes._bounded_lines(few, limit=50) == ["a.png: written", "b.png: error: x"]
+    assert bounded_lines(few, limit=50) == ["a.png: written", "b.png: error: x"]

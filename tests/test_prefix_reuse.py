@@ -188,4 +188,5 @@ def test_budget_setting(monkeypatch):
     monkeypatch.setenv("QWENVL_FAST_PREFIX_CACHE_MB", "0")
     assert prefix_cache.prefix_cache_bytes() == 0
     monkeypatch.setenv("QWENVL_FAST_PREFIX_CACHE_MB", "nonsense")
-    assert prefix_cache.prefix_cache_bytes() == 512 << 20
+    with pytest.raises(engine.QwenVLError, match=r"PREFIX_CACHE_MB must be a number \(it is 'nonsense'\)"):
+        prefix_cache.prefix_cache_bytes()

@@ -596,7 +596,7 @@ def test_generation_writes_nothing_outside_its_folders(models_dir, tmp_path):
 def test_caption_folder_ignores_links_leaving_the_folder(models_dir, tmp_path):
     from PIL import Image
 
-    from qwenvl_fast import batch_caption as bc
+    from qwenvl_fast import captioning as bc
 
     folder, outside = tmp_path / "pics", tmp_path / "outside"
     folder.mkdir()
@@ -628,7 +628,7 @@ def test_caption_folder_ignores_links_leaving_the_folder(models_dir, tmp_path):
 
 
 def test_caption_folder_given_a_file_is_a_clear_error(models_dir, tmp_path):
-    from qwenvl_fast import batch_caption as bc
+    from qwenvl_fast import captioning as bc
 
     f = tmp_path / "photo.png"
     f.write_bytes(b"x")

@@ -18,7 +18,7 @@ pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
-from qwenvl_fast.batch_caption import METADATA_NAME, CaptionOptions, caption_folder  # noqa: E402
+from qwenvl_fast.captioning import METADATA_NAME, CaptionOptions, caption_folder  # noqa: E402
 from qwenvl_fast.engine import structured  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from structured_cases import SCHEMA, SCHEMA_TEXT
 
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.backends.streams import chat_body
-from qwenvl_fast.batch_caption import METADATA_NAME, CaptionOptions, caption_folder
+from qwenvl_fast.captioning import METADATA_NAME, CaptionOptions, caption_folder
 from qwenvl_fast.engine import structured
 from vllm_server import vllm_server  # noqa: F401  (the session fixture: a real vLLM, or a skip)
 

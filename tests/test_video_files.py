@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, load_tiny
-from qwenvl_fast import batch_caption
+from qwenvl_fast import captioning
 from qwenvl_fast import qwenvl_loader as ql
 from qwenvl_fast.sources import tf_compat
 from qwenvl_fast.vision import video
@@ -39,12 +39,12 @@ def test_load_video_file_samples_evenly_and_exactly(tmp_path):
     frames = clip_frames()
     path = tmp_path / "clip.mkv"
     write_video(path, frames, fps=10)
-    clip = batch_caption.load_video_file(path, max_frames=6)
+    clip = video.load_video_file(path, max_frames=6)
     assert clip.fps == pytest.approx(10.0)
     assert clip.source_total == 20
     assert clip.source_indices == video.sample_indices(20, 6, 2) == [0, 3, 6, 10, 13, 16]
     assert torch.equal(clip.frames, frames[clip.source_indices])  # lossless: exactly the sampled frames
-    short = batch_caption.load_video_file(path, max_frames=64)
+    short = video.load_video_file(path, max_frames=64)
     assert short.frames.shape[0] == 20 and short.source_indices == list(range(20))
 
 
@@ -61,9 +61,9 @@ def test_caption_folder_with_videos(tmp_path, models_dir):
     options = ql.LoadOptions(model=str(models_dir / "tiny-qwen2.5-vl"), dtype="fp32")
     request = ql.GenerationRequest(prompt="Caption.", max_new_tokens=6, min_new_tokens=6, image_quality="fast",
                                    max_frames=8, disk_cache=False)
-    images_only = batch_caption.caption_folder(options, folder, request, write_txt=False)
+    images_only = captioning.caption_folder(options, folder, request, write_txt=False)
     assert [r.path.name for r in images_only] == ["a_still.png"]
-    results = batch_caption.caption_folder(options, folder, request, write_txt=True, include_videos=True)
+    results = captioning.caption_folder(options, folder, request, write_txt=True, include_videos=True)
     by_name = {r.path.name: r for r in results}
     assert [r.path.name for r in results] == ["a_still.png", "b_clip.mkv", "c_lossy.mp4", "d_broken.mp4"]
     assert by_name["b_clip.mkv"].status == by_name["c_lossy.mp4"].status == "written"

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from qwenvl_fast.core.settings import env_float
 from server_process import ServerLog, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -295,7 +296,7 @@ def session_server(tmp_path_factory: pytest.TempPathFactory) -> VllmServer:
     server = VllmServer(model_dir, served_name=DEFAULT_SERVED_NAME, log_path=base / "vllm-server.log",
                         extra_args=STRUCTURED_OUTPUTS_ARGS)
     try:
-        server.start(timeout=float(os.environ.get("QWENVL_FAST_VLLM_START_TIMEOUT", "300")))
+        server.start(timeout=env_float("QWENVL_FAST_VLLM_START_TIMEOUT", 300.0, 1.0))
     except Exception as exc:
         _SESSION["error"] = exc
         raise
