@@ -125,6 +125,21 @@ def caption_transform(rules: TagRules) -> Callable[[str, Path], str] | None:
     return apply
 
 
+def with_tag_rules(rules: TagRules, output_format: str, json_field: str,
+                   transform: Callable[[str, Path], str] | None) -> Callable[[str, Path], str] | None:
+    """Caption Folder's ``transform`` followed by the tag rules (None when neither is set). Rules split on commas,
+    which would break a whole JSON answer: with output_format json they need ``json_field``."""
+    rules_hook = caption_transform(rules)
+    if rules_hook is None:
+        return transform
+    if output_format == "json" and not json_field:
+        raise QwenVLError("exclude_tags / replace_tags split a caption on commas, which would break a whole JSON "
+                          "answer: set json_field to the field that holds the caption, or clear the tag rules.")
+    if transform is None:
+        return rules_hook
+    return lambda answer, path: rules_hook(transform(answer, path), path)
+
+
 def _check_size(text: str, name: str) -> None:
     if len(text) > RULES_MAX_CHARS:
         raise TagRuleError(f"{name} is {len(text)} characters long (at most {RULES_MAX_CHARS}): give the tags "

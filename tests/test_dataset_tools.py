@@ -182,7 +182,7 @@ def test_cli_rules_and_report_png(tagger, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr  # c and d failed
     assert (folder / "a.txt").read_text(encoding="utf-8") == "sks, Red_Car, girl, solo, tree"
-    assert "5 files: 2 captioned this run, 1 skipped, 2 failed; 3 captions in the folder" in done.stdout
+    assert "report: 5 files: 2 captioned this run, 1 skipped, 2 failed; 3 captions in the folder" in done.stdout
     assert "Red_Car (2)" in done.stdout
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width >= 512
