@@ -188,3 +188,17 @@ def test_cli_rules_and_report_png(tagger, tmp_path):
         assert im.format == "PNG" and im.width >= 512
         pixels = np.asarray(im.convert("RGB"))
     assert np.all(pixels == np.array(rep.TAG_BAR_COLOR, dtype=np.uint8), axis=-1).any()
+
+
+def test_changed_rules_make_files_due_again_and_the_same_rules_do_not(node_env, tmp_path):
+    """The rules are part of the ledger's settings (like prefix): overwrite with the same rules does nothing more;
+    with other rules every file is captioned again."""
+    folder = kohya_folder(tmp_path)
+    run_node(node_env, folder, existing="overwrite")
+    assert (folder / "b.txt").read_text(encoding="utf-8") == "sks, red car, blue sky"
+    again = json.loads(run_node(node_env, folder, existing="overwrite")["result"][2])
+    assert again["captioned"] == 0
+    changed = run_node(node_env, folder, existing="overwrite", exclude_tags="blurry, watermark, sky",
+                       replace_tags="")
+    assert json.loads(changed["result"][2])["captioned"] >= 2
+    assert (folder / "b.txt").read_text(encoding="utf-8") == "sks, red car"
