@@ -202,3 +202,12 @@ def test_changed_rules_make_files_due_again_and_the_same_rules_do_not(node_env, 
                        replace_tags="")
     assert json.loads(changed["result"][2])["captioned"] >= 2
     assert (folder / "b.txt").read_text(encoding="utf-8") == "sks, red car"
+
+
+def test_cli_report_in_a_missing_folder_is_a_usage_error(tagger, tmp_path):
+    folder = kohya_folder(tmp_path)
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "caption-folder", str(folder), "--backend", "server",
+                           "--server-url", tagger.url, "--report", str(tmp_path / "nope" / "r.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--report" in done.stderr and "does not exist" in done.stderr
+    assert not (folder / "a.txt").exists()
