@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 from scripted_server import Reply, ScriptedServer, first_pixel
 
 from qwenvl_fast import qwenvl_loader as ql
@@ -191,6 +191,6 @@ def test_caption_folder_state_machine(server, tmp_path, monkeypatch):
         run = settings(max_examples=12 if ci else settings.default.max_examples,
                        stateful_step_count=8, deadline=None,
                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-        run(CaptionFolderMachine.TestCase)().runTest()
+        run_state_machine_as_test(CaptionFolderMachine, settings=run)
     finally:
         os.umask(old_umask)
