@@ -106,3 +106,24 @@ def test_long_and_non_latin_tags_stay_inside_the_chart():
     assert image.width == rep.CHART_WIDTH
     bars = _color_mask(np.asarray(image), rep.TAG_BAR_COLOR)
     assert bars.any() and bars[:, -rep._MARGIN:].sum() == 0  # no bar drawn into the right margin
+
+
+def test_folder_report_reads_the_folder_safely(tmp_path):
+    """Every file's caption as the folder holds it: one that is not UTF-8, a link, a folder, an empty file and a
+    missing one count as none; a caption only returned (caption files off) counts as returned."""
+    from qwenvl_fast.captioning import CaptionResult
+
+    names = ["ok", "bad", "link", "dir", "empty", "missing", "returned"]
+    files = [tmp_path / f"{n}.png" for n in names]
+    (tmp_path / "ok.txt").write_text("a, b", encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    outside = tmp_path.parent / "outside.txt"
+    outside.write_text("secret, tags", encoding="utf-8")
+    (tmp_path / "link.txt").symlink_to(outside)
+    (tmp_path / "dir.txt").mkdir()
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    statuses = ["written", "skipped", "error: x", "error: y", "skipped", "error: z", "captioned"]
+    results = [CaptionResult(f, "c, d" if s == "captioned" else "", s) for f, s in zip(files, statuses)]
+    report = rep.folder_report(results, files, ".txt").as_dict()
+    assert report["captions"] == 2 and report["tags"] == {"a": 1, "b": 1, "c": 1, "d": 1}
+    assert (report["files_seen"], report["captioned"], report["skipped"], report["failed"]) == (7, 2, 2, 3)
