@@ -33,6 +33,7 @@ pack_path.import_pack()
 from qwenvl_fast import captioning as bc  # noqa: E402
 from qwenvl_fast import quality_presets as qp  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
+from qwenvl_fast.captioning.report import folder_report, save_chart  # noqa: E402
 from qwenvl_fast.core.api import OUTPUT_FORMATS  # noqa: E402
 from qwenvl_fast.engine.structured import spec_of  # noqa: E402
 from qwenvl_fast.vision.images import load_image_file  # noqa: E402
@@ -251,7 +252,8 @@ def build_caption_parser() -> argparse.ArgumentParser:
     model.add_argument("--compile-vision", default="off", choices=ql.COMPILE_CHOICES)
     gen = p.add_argument_group("captioning")
     gen.add_argument("--prompt", default=CAPTION_PROMPT, help=f"the instruction (default: {CAPTION_PROMPT!r}); "
-                     "{name}, {folder} and {caption} are each file's stem, folder name and existing caption")
+                     "{name}, {folder}, {concept} and {caption} are each file's stem, folder name, kohya concept "
+                     "(10_red car: red car) and existing caption")
     gen.add_argument("--system-prompt", default="")
     gen.add_argument("--quality", default=qp.DEFAULT_QUALITY, choices=qp.QUALITY_CHOICES,
                      help="visual-token budget per image")
@@ -274,6 +276,12 @@ def build_caption_parser() -> argparse.ArgumentParser:
                      help=f"also write {getattr(bc, 'METADATA_NAME', 'metadata.jsonl')} (Hugging Face imagefolder)")
     out.add_argument("--no-write", action="store_true",
                      help="write no caption file: print each caption to stdout instead")
+    out.add_argument("--exclude-tags", default="", help="comma-separated tags dropped from every caption (case, _ "
+                     "and spaces ignored; a caption is split on commas, only whole items match)")
+    out.add_argument("--replace-tags", default="", help="tag rules, one 'old = new' per line, applied once in order "
+                     "(an empty new drops the tag); then duplicates are dropped")
+    out.add_argument("--report", metavar="FILE.png", help="write the folder report's chart (top tags, caption "
+                     "lengths) as a PNG; the report's summary is printed after every run")
     out.add_argument("--json", action="store_true", help="print the results and the summary as one JSON object")
     out.add_argument("--reset-ledger", action="store_true",
                      help="forget which files of this folder earlier runs did (every setting's ledger), so that "
@@ -349,9 +357,12 @@ def caption_folder_main(argv: list[str]) -> int:
         caption = bc.CaptionOptions(prefix=args.prefix, suffix=args.suffix, existing=args.existing,
                                     extension=args.extension, recursive=args.recursive, limit=args.limit,
                                     write_jsonl=args.jsonl, write_captions=not args.no_write,
-                                    json_field=args.json_field)
+                                    json_field=args.json_field, exclude_tags=args.exclude_tags,
+                                    replace_tags=args.replace_tags)
     except ql.QwenVLError as exc:
         return usage(str(exc))
+    if args.report and not Path(args.report).expanduser().resolve().parent.is_dir():
+        return usage(f"--report {args.report}: its folder does not exist (give a path in an existing folder)")
     options = ql.LoadOptions(
         model=args.model or "(served)", quantization=args.quantization, attention_mode=args.attention,
         dtype=args.dtype, device=args.device, compile_vision=args.compile_vision, backend=args.backend,
@@ -422,9 +433,17 @@ def _report(results: list, args: argparse.Namespace, folder: Path, elapsed: floa
     done = [r for r in results if r.status in ("written", "captioned")]
     rate = f", {len(done) / elapsed:.2f} captions/s" if done and elapsed > 0 else ""
     summary = bc.summarize(results)
+    report = folder_report(results, [r.path for r in results], args.extension)
+    chart_failed = False
+    if args.report:
+        try:
+            save_chart(report, Path(args.report).expanduser())
+        except (OSError, ValueError) as exc:
+            print(f"[caption-folder] cannot write the report chart {args.report}: {exc}", file=sys.stderr)
+            chart_failed = True
     if args.json:
         print(json.dumps({"folder": str(folder), "summary": summary, "elapsed_s": round(elapsed, 3),
-                          "failed": len(failed),
+                          "failed": len(failed), "report": report.as_dict(),
                           "results": [{"path": str(r.path), "status": r.status, "caption": r.caption}
                                       for r in results]}, ensure_ascii=False))
     else:
@@ -436,7 +455,8 @@ def _report(results: list, args: argparse.Namespace, folder: Path, elapsed: floa
         if not results:
             print(f"no image files in {folder}" + ("" if args.recursive else " (subfolders: --recursive)"))
         print(f"{summary} in {_duration(elapsed)}{rate}")
-    return EXIT_FAILED if failed else EXIT_OK
+        print(f"report: {report.summary()}" + (f"; chart in {args.report}" if args.report else ""))
+    return EXIT_FAILED if failed or chart_failed else EXIT_OK
 
 
 class _StopOnSignal:

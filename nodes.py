@@ -16,6 +16,7 @@ from . import captioning as cap
 from . import quality_presets as qp
 from . import qwenvl_loader as ql
 from .captioning.progress import bounded_lines, progress_with_eta, shown_name
+from .captioning.report import chart_tensor, folder_report
 from .comfyui_host import glue as comfy_glue
 from .comfyui_host import trust as comfy_trust
 from .core.api import BACKENDS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_VIDEO_FPS, UPLOAD_FORMATS, VideoClip
@@ -449,11 +450,14 @@ class QwenVLFastCaptionFolder:
     CATEGORY = CATEGORY
     FUNCTION = "caption"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("captions", "files")
-    OUTPUT_IS_LIST = (True, True)
+    RETURN_TYPES = ("STRING", "STRING", "STRING", "IMAGE")  # report and report_image last: saved links keep places
+    RETURN_NAMES = ("captions", "files", "report", "report_image")
+    OUTPUT_IS_LIST = (True, True, False, False)
     OUTPUT_TOOLTIPS = ("The caption of each file (a list, in the files' order; empty for a file that failed).",
-                       "The path of each file (a list, matching captions).")
+                       "The path of each file (a list, matching captions).",
+                       "JSON: files seen, captioned this run, skipped, failed; every tag's count over all the "
+                       "folder's captions; caption length in words (min, median, max).",
+                       "A chart of the report: the most frequent tags and a histogram of caption lengths.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -464,8 +468,9 @@ class QwenVLFastCaptionFolder:
                     "The folder whose images to caption (its subfolders too with recursive on).")}),
                 "prompt": ("STRING", {"multiline": True, "default": "Write a concise caption for this image.",
                                       **_tip("The captioning instruction. {name} is replaced by the file's name "
-                                             "(no extension), {folder} by its folder's name, {caption} by its "
-                                             "existing caption (empty if none); other braces stay as written.")}),
+                                             "(no extension), {folder} by its folder's name, {concept} by a kohya "
+                                             "folder's concept (10_red car: red car), {caption} by its existing "
+                                             "caption (empty if none); other braces stay as written.")}),
                 "image_quality": (qp.QUALITY_CHOICES, {"default": qp.DEFAULT_QUALITY,
                                                        **_tip("Visual-token budget per image.")}),
                 "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 4096, **_tip("Most tokens per caption.")}),
@@ -499,6 +504,12 @@ class QwenVLFastCaptionFolder:
                     "Also keep metadata.jsonl in the folder (Hugging Face datasets imagefolder: file_name, text); "
                     "rows of other files stay as they are.")}),
                 **_structured_inputs(json_field=True),
+                "exclude_tags": ("STRING", {"default": "", **_tip(
+                    "Comma-separated tags dropped from every caption (case, _ and spaces ignored): 'blurry, "
+                    "watermark'. A caption is split on commas; only whole items match.")}),
+                "replace_tags": ("STRING", {"multiline": True, "default": "", **_tip(
+                    "One rule per line, 'old = new', applied once, in order; an empty new drops the tag. Then "
+                    "duplicates are dropped, order kept; prefix and suffix stay verbatim.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -514,8 +525,9 @@ class QwenVLFastCaptionFolder:
         try:
             settings = _caption_settings(inputs)
             request = ql.GenerationRequest.from_inputs(_request_inputs(settings))
-            return cap.pending_digest(_folder_path(settings.get("folder")), _caption_options(settings), request,
-                                  bool(settings["include_videos"]))
+            folder = _folder_path(settings.get("folder"))
+            return cap.pending_digest(folder, cap.options_from_settings(settings), request,
+                                      bool(settings["include_videos"]))
         except Exception as exc:  # IS_CHANGED must not raise: ComfyUI would only log it
             log.debug("[QwenVL-Fast] Caption Folder IS_CHANGED: %s", exc)
             return float("nan")
@@ -528,7 +540,7 @@ class QwenVLFastCaptionFolder:
                                           include_videos=include_videos))
         request = ql.GenerationRequest.from_inputs(_request_inputs(settings), should_stop=comfy_glue.interrupted)
         on_file = progress_with_eta(*comfy_glue.progress_callbacks(unique_id))
-        options = _caption_options(settings)
+        options = cap.options_from_settings(settings)
         before = cap.pending_digest(path, options, request, include_videos) if path.is_dir() else ""
         try:
             results = cap.caption_folder(handle.options, path, request, caption=options, on_file=on_file,
@@ -545,14 +557,17 @@ class QwenVLFastCaptionFolder:
                                for r in results])
         summary = cap.summarize(results)
         log.info("[QwenVL-Fast] Caption Folder %s: %s", path, summary)
-        return {"ui": {"text": [summary] + (lines or ["no images found"]), "summary": [summary]},
-                "result": ([r.caption for r in results], [str(r.path) for r in results])}
+        report = folder_report(results, [r.path for r in results], options.extension)
+        return {"ui": {"text": [summary] + (lines or ["no images found"]), "summary": [summary],
+                       "report": [report.summary()]},
+                "result": ([r.caption for r in results], [str(r.path) for r in results],
+                           json.dumps(report.as_dict(), ensure_ascii=False), chart_tensor(report))}
 
 
 _NOT_SETTINGS = ("qwenvl_model", "unique_id")
 # The inputs that become CaptionOptions, with the values that give the node's behaviour before they existed.
 _CAPTION_OPTION_DEFAULTS = {"prefix": "", "suffix": "", "existing": "skip", "extension": ".txt", "recursive": False,
-                            "limit": 0, "write_jsonl": False, "json_field": ""}
+                            "limit": 0, "write_jsonl": False, "json_field": "", "exclude_tags": "", "replace_tags": ""}
 _NOT_REQUEST = (*_CAPTION_OPTION_DEFAULTS, "folder", "write_txt", "overwrite", "include_videos")
 
 
@@ -560,26 +575,9 @@ def _request_inputs(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in _NOT_REQUEST}
 
 
-def _caption_options(settings: dict[str, Any]) -> cap.CaptionOptions:
-    """The node's settings as CaptionOptions (overwrite on with existing "skip" means overwrite)."""
-    existing = settings["existing"]
-    if settings.get("overwrite") and existing == "skip":
-        existing = "overwrite"
-    return cap.CaptionOptions(
-        prefix=str(settings["prefix"]), suffix=str(settings["suffix"]), existing=existing,
-        extension=settings["extension"], recursive=bool(settings["recursive"]), limit=int(settings["limit"]),
-        write_jsonl=bool(settings["write_jsonl"]), write_captions=bool(settings.get("write_txt", True)),
-        json_field=str(settings["json_field"]).strip())
-
-
 def _folder_path(folder: Any) -> Path:
-    """The folder widget as a path; an empty one is an error (Path("") is the working directory: ComfyUI's own)."""
-    text = str(folder or "").strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1].strip()  # "Copy as path" on Windows adds quotes
-    if not text:
-        raise ql.QwenVLError("Caption Folder needs a folder: give the full path of the folder to caption.")
-    return comfy_trust.allowed_folder(text)
+    """The folder widget, resolved, when the machine's owner allows it (comfyui_host/trust.py; SECURITY.md)."""
+    return comfy_trust.allowed_folder(cap.folder_from_input(folder))
 
 
 def _caption_settings(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ reads), ``api_key.py`` (the key and its origins) and ``errors.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -141,6 +142,7 @@ class ServerModel:
             # The pack's video path (sampling, clip budget, cache) runs the local model; a server samples and
             # sizes video itself, from a video file it can fetch, which a frames tensor is not.
             raise QwenVLError("Video runs on the local backend only: set backend to 'local' for a video input.")
+        req = req.resolved_prompts()
         mon = RunMonitor(enabled=req.monitor)
         rec = mon.record
         rec.model = f"{self.served_model} @ {self.endpoint.url}"
@@ -152,8 +154,9 @@ class ServerModel:
             rec.images.append({"index": i, **u["record"]})
         one_each = req.batch_mode == BATCH_MODES[1] and len(uploads) > 1
         groups = [[u] for u in uploads] if one_each else [uploads]
-        streams = [Stream(i, chat_body(req, self.served_model, g, self.llama_cpp),
-                          max_new_tokens=int(req.max_new_tokens)) for i, g in enumerate(groups)]
+        asks = [dataclasses.replace(req, prompt=req.prompt_of(i)) for i in range(len(groups))] if one_each else [req]
+        streams = [Stream(i, chat_body(ask, self.served_model, g, self.llama_cpp),
+                          max_new_tokens=int(req.max_new_tokens)) for i, (g, ask) in enumerate(zip(groups, asks))]
         errors = self.streams.run_all(streams, req, rec)
         spec = spec_of(req)
         rec.output_format = spec.output_format

@@ -15,6 +15,8 @@ from .options import (
     METADATA_NAME,
     CaptionOptions,
     CaptionResult,
+    folder_from_input,
+    options_from_settings,
     resolve_caption_options,
     summarize,
 )
@@ -37,5 +39,5 @@ __all__ = [
     "load_metadata", "metadata_name", "open_ledger", "pending_digest", "plan_folder", "read_caption",
     "read_metadata", "remember_settled", "render_prompt",
     "reset_folder_ledgers", "resolve_caption_options", "structured_caption", "summarize",
-    "update_metadata", "write_caption",
+    "update_metadata", "write_caption", "folder_from_input", "options_from_settings",
 ]

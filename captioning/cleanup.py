@@ -13,15 +13,23 @@ from ..core import strict_json
 from ..core.errors import QwenVLError
 from .options import CaptionOptions
 
-_PLACEHOLDERS = re.compile(r"\{(name|folder|caption)\}")
-PROMPT_PLACEHOLDERS = ("{name}", "{folder}", "{caption}")
+_PLACEHOLDERS = re.compile(r"\{(name|folder|caption|concept)\}")
+PROMPT_PLACEHOLDERS = ("{name}", "{folder}", "{caption}", "{concept}")
+_KOHYA_FOLDER = re.compile(r"\d+_(.+)", re.DOTALL)
+
+
+def kohya_concept(folder_name: str) -> str:
+    """The concept of a kohya ``<repeats>_<concept>`` folder (``10_red car`` -> ``red car``); any other name whole."""
+    match = _KOHYA_FOLDER.fullmatch(folder_name)
+    return match.group(1) if match else folder_name
 
 
 def render_prompt(prompt: str, path: Path, existing: str = "") -> str:
-    """``prompt`` for one file: ``{name}`` is its stem, ``{folder}`` its folder's name, ``{caption}`` its existing
-    caption (trimmed; empty if none). Exactly these three are replaced (not ``str.format``): any other braces,
-    ``{0}``, ``{}``, JSON, stay as written."""
-    values = {"name": path.stem, "folder": Path(os.path.abspath(path.parent)).name, "caption": existing.strip()}
+    """``prompt`` for one file: ``{name}`` is its stem, ``{folder}`` its folder's name, ``{concept}`` that name's
+    concept (``kohya_concept``), ``{caption}`` its existing caption (trimmed; empty if none). Exactly these four are
+    replaced (not ``str.format``): any other braces, ``{0}``, ``{}``, JSON, stay as written."""
+    folder = Path(os.path.abspath(path.parent)).name
+    values = {"name": path.stem, "folder": folder, "concept": kohya_concept(folder), "caption": existing.strip()}
     return _PLACEHOLDERS.sub(lambda m: values[m.group(1)], prompt)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import QwenVLError
+from .tag_rules import TagRuleError, TagRules, parse_rules
 
 EXISTING_MODES = ["skip", "overwrite", "append", "prepend"]
 CAPTION_EXTENSIONS = [".txt", ".caption"]
@@ -42,6 +44,8 @@ class CaptionOptions:
     write_captions: bool = True
     json_field: str = ""
     ledger: bool = True
+    exclude_tags: str = ""  # tag rules (captioning.tag_rules), applied to every answer before prefix / suffix
+    replace_tags: str = ""
 
     def __post_init__(self):
         if self.existing not in EXISTING_MODES:
@@ -50,6 +54,14 @@ class CaptionOptions:
             raise QwenVLError(f"extension must be one of {', '.join(CAPTION_EXTENSIONS)}, not {self.extension!r}")
         if self.limit < 0:
             raise QwenVLError(f"limit must be 0 (all files) or more, not {self.limit}")
+        self.tag_rules()  # a rule that cannot be read: before any file or model work
+
+    def tag_rules(self) -> TagRules:
+        """``exclude_tags`` and ``replace_tags`` parsed; raises QwenVLError naming the line and the fix."""
+        try:
+            return parse_rules(self.exclude_tags, self.replace_tags)
+        except TagRuleError as exc:
+            raise QwenVLError(str(exc)) from exc
 
 
 @dataclass
@@ -88,3 +100,27 @@ def summarize(results: list[CaptionResult], max_reasons: int = 3) -> str:
         more = f"; and {len(failed) - max_reasons} more" if len(failed) > max_reasons else ""
         line += f" ({reasons}{more})"
     return line
+
+
+def options_from_settings(settings: Mapping[str, Any]) -> CaptionOptions:
+    """The Caption Folder node's settings (its widget values, defaults filled in) as CaptionOptions (overwrite on
+    with existing "skip" means overwrite)."""
+    existing = settings["existing"]
+    if settings.get("overwrite") and existing == "skip":
+        existing = "overwrite"
+    return CaptionOptions(
+        prefix=str(settings["prefix"]), suffix=str(settings["suffix"]), existing=existing,
+        extension=settings["extension"], recursive=bool(settings["recursive"]), limit=int(settings["limit"]),
+        write_jsonl=bool(settings["write_jsonl"]), write_captions=bool(settings.get("write_txt", True)),
+        json_field=str(settings["json_field"]).strip(), exclude_tags=str(settings["exclude_tags"]),
+        replace_tags=str(settings["replace_tags"]))
+
+
+def folder_from_input(folder: Any) -> Path:
+    """The folder widget as a path; an empty one is an error (Path("") is the working directory: ComfyUI's own)."""
+    text = str(folder or "").strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()  # "Copy as path" on Windows adds quotes
+    if not text:
+        raise QwenVLError("Caption Folder needs a folder: give the full path of the folder to caption.")
+    return Path(text)

@@ -29,6 +29,7 @@ from .commit import CaptionFileError, _kind, _not_a_caption, read_caption, write
 from .ledger import Ledger, Stamp, image_stamp, text_digest
 from .listing import caption_collisions, caption_path, is_video_file, list_images
 from .options import EMPTY_ANSWER, CaptionOptions, CaptionResult, resolve_caption_options
+from .tag_rules import with_tag_rules
 
 log = logging.getLogger("QwenVL-Fast")
 
@@ -68,7 +69,8 @@ def done_settings(caption: CaptionOptions, request: GenerationRequest) -> dict[s
             "extension": caption.extension, "prefix": caption.prefix, "suffix": caption.suffix,
             "output_format": request.output_format, "json_schema": request.json_schema,
             "json_field": caption.json_field, "write_captions": caption.write_captions,
-            "write_jsonl": caption.write_jsonl}
+            "write_jsonl": caption.write_jsonl, "exclude_tags": caption.exclude_tags,
+            "replace_tags": caption.replace_tags}
 
 
 def open_ledger(folder: Path, caption: CaptionOptions, request: GenerationRequest) -> Ledger | None:
@@ -390,7 +392,10 @@ class _Context:
                 self.results.append(_failed(w, self.ledger, CaptionResult(w.path, "", f"error: cannot read "
                                                                                       f"image ({exc})")))
         if images:
-            self.answer(ok, dataclasses.replace(self.request, prompt=chunk[0].prompt, images=images,
+            # Each answer its own prompt, all in one request: the server keeps server_max_in_flight requests
+            # going and the local engine batches the answers whatever their prompts.
+            prompts = [w.prompt for w in ok] if len({w.prompt for w in ok}) > 1 else []
+            self.answer(ok, dataclasses.replace(self.request, prompt=ok[0].prompt, prompts=prompts, images=images,
                                                 batch_mode=BATCH_MODES[1], per_answer_errors=True))
 
     def clip(self, w: _Work) -> None:
@@ -453,6 +458,7 @@ def caption_folder(
     if caption.json_field and spec.output_format != "json":
         raise QwenVLError(f"json_field '{caption.json_field}' needs output_format json (it is "
                           f"{spec.output_format}): set output_format to json, or clear json_field.")
+    transform = with_tag_rules(caption.tag_rules(), spec.output_format, caption.json_field, transform)
     plan = plan_folder(folder, caption, request, include_videos)
     todo, video_errors = _video_errors(plan.todo, options)
     ctx = _Context(options, request, caption, spec.output_format, plan.ledger, manager, transform,
@@ -479,8 +485,9 @@ def _run(ctx: _Context, todo: list[_Work], total: int, on_start: Callable[[int, 
     for w in todo:
         if not is_video_file(w.path):
             groups.setdefault(w.prompt, []).append(w)
+    pictures = [w for g in groups.values() for w in g]  # equal prompts next to each other, chunks full across them
     size = chunk_size(ctx.options)
-    chunks: list[list[_Work]] = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    chunks: list[list[_Work]] = [pictures[i:i + size] for i in range(0, len(pictures), size)]
     chunks += [[w] for w in todo if is_video_file(w.path)]
     done = len(ctx.results)
     if on_start is not None:

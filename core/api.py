@@ -3,8 +3,8 @@
 ``LoadOptions`` (which model, how, where it answers), ``GenerationRequest`` / ``GenerationResult`` (one run),
 ``VideoClip``, the choices and defaults they carry, and ``Backend``: what ``run_once`` asks of whatever answers
 (the local transformers engine, ``engine.model.QwenVLModel``, or an OpenAI-compatible server,
-``backends.openai_server.ServerModel``). This module imports nothing of the pack beyond the leaf
-``perf_monitor`` (for a type only), so every other part can import it without a circle.
+``backends.openai_server.ServerModel``). This module imports nothing of the pack beyond the leaves ``core.errors``
+and ``perf_monitor`` (for a type only), so every other part can import it without a circle.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+from .errors import QwenVLError
 
 if TYPE_CHECKING:  # a leaf module with no imports of the pack: no circle is possible
     from ..perf_monitor import RunRecord
@@ -123,6 +125,10 @@ class VideoClip:
 @dataclass
 class GenerationRequest:
     prompt: str
+    # "one answer per image": each answer's own prompt, one per image in the images' order (Caption Folder's
+    # {name} / {folder} / {caption}); empty: ``prompt`` for every answer. Answers with different prompts still go
+    # together: in one local batch (each row is its own prompt) and ``server_max_in_flight`` requests at a time.
+    prompts: list[str] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)
     # Video clips (vision/video.py): each through the model's video path, in the same prompt as the images.
     videos: list[VideoClip] = field(default_factory=list)
@@ -154,6 +160,23 @@ class GenerationRequest:
     # empty means any JSON object) or "tags".
     output_format: str = "text"
     json_schema: str = ""
+
+    def prompt_of(self, index: int) -> str:
+        """The prompt of answer ``index``: its own, or the shared ``prompt``."""
+        return self.prompts[index] if self.prompts else self.prompt
+
+    def resolved_prompts(self) -> GenerationRequest:
+        """This request with its per-answer prompts checked, and as one prompt where only one answer is asked
+        (one image, or 'one prompt, all images' with one image); raises ``QwenVLError`` with the fix."""
+        if not self.prompts:
+            return self
+        if self.batch_mode != BATCH_MODES[1] or len(self.prompts) != len(self.images) or self.videos:
+            raise QwenVLError(f"{len(self.prompts)} per-answer prompts need batch_mode '{BATCH_MODES[1]}', one "
+                              f"prompt per image and no video (got {len(self.images)} images, {len(self.videos)} "
+                              f"videos, batch_mode '{self.batch_mode}'): give one prompt, or one per image.")
+        if len(self.prompts) == 1:
+            return dataclasses.replace(self, prompt=self.prompts[0], prompts=[])
+        return self
 
     @classmethod
     def from_inputs(cls, inputs: Mapping[str, Any], **overrides: Any) -> GenerationRequest:

@@ -179,6 +179,7 @@ class QwenVLModel:
         if req.batch_mode not in BATCH_MODES:
             raise QwenVLError(f"Unknown batch_mode '{req.batch_mode}': choose one of {BATCH_MODES}.")
         spec = spec_of(req, need_grammar=True)  # a broken schema fails before any image work
+        req = req.resolved_prompts()
         mon = self._new_monitor(req)
         rec = mon.record
         rec.output_format = spec.output_format
@@ -256,7 +257,7 @@ class QwenVLModel:
                        mon: RunMonitor) -> list[tuple[str, list[int]]]:
         """One answer per image: the prompts built together, then generated in batches within the token budget."""
         with mon.stage("prompt"):
-            rows = [self.build_inputs(req.prompt, req.system_prompt, [p]) for p in prepared]
+            rows = [self.build_inputs(req.prompt_of(i), req.system_prompt, [p]) for i, p in enumerate(prepared)]
         n = len(rows)
         if self.tokenizer.pad_token_id is None:  # no pad token to pad with: one by one, as before batching
             chunks = [[i] for i in range(n)]

@@ -144,12 +144,14 @@ def test_per_image_prompts_and_literal_braces(node_env, folder, echo):
     assert sorted(echo.prompts) == sorted((read(folder / f"{n}.txt"), 1) for n in ("cat", "dog"))
 
 
-def test_equal_rendered_prompts_share_a_batch_and_the_rest_get_their_own(monkeypatch, folder, echo):
+def test_rendered_prompts_go_together_each_answer_with_its_own(monkeypatch, folder, echo):
+    """Prompts that differ per file still fill every chunk (one request, a prompt per answer: issue 31), and files
+    with equal prompts sit next to each other."""
     calls = []
     real_run_once = ql.run_once
 
     def spy(options, request, **kw):
-        calls.append((request.prompt, len(request.images)))
+        calls.append([request.prompt_of(i) for i in range(len(request.images))])
         return real_run_once(options, request, **kw)
 
     monkeypatch.setattr(ql, "run_once", spy)
@@ -162,7 +164,11 @@ def test_equal_rendered_prompts_share_a_batch_and_the_rest_get_their_own(monkeyp
     results = bc.caption_folder(options, folder, ql.GenerationRequest(prompt="In {folder}.", monitor=False),
                                 caption=bc.CaptionOptions(recursive=True))
     assert {r.status for r in results} == {"written"} and len(results) == 7
-    assert sorted(calls) == [("In pics.", 1), ("In x.", 3), ("In y.", 3)]
+    assert [len(c) for c in calls] == [4, 3]  # chunks of 2 x server_max_in_flight, across prompts
+    sent = [p for c in calls for p in c]
+    assert sorted(sent) == ["In pics."] + ["In x."] * 3 + ["In y."] * 3
+    runs = [p for i, p in enumerate(sent) if i == 0 or sent[i - 1] != p]
+    assert len(runs) == len(set(runs))  # each prompt in one run: equal prompts grouped
     assert read(folder / "x" / "2.txt") == "In x." and read(folder / "top.txt") == "In pics."
 
 
@@ -446,9 +452,11 @@ def test_an_interrupted_run_still_records_what_it_wrote(echo, folder):
         bc.caption_folder(options, folder, ql.GenerationRequest(prompt="{name}", monitor=False,
                                                                 should_stop=lambda: bool(done)),
                           caption=bc.CaptionOptions(write_jsonl=True), on_file=lambda d, t: done.append(d))
-    # "{name}" renders a prompt of its own per file: each file is a chunk, and Cancel came after the first.
-    assert done == [1] and imagefolder_rows(folder) == {"a.png": "a"}
-    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a.txt", "b.png", "c.png", "d.png", "metadata.jsonl"]
+    # "{name}" renders a prompt of its own per file, yet chunks stay full (2 x server_max_in_flight files, each
+    # answer its own prompt); Cancel came after the first chunk.
+    assert done == [2] and imagefolder_rows(folder) == {"a.png": "a", "b.png": "b"}
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a.txt", "b.png", "b.txt", "c.png", "d.png",
+                                                        "metadata.jsonl"]
 
 
 # ------------------------------------------------------------------------------------- cleaning
@@ -543,7 +551,7 @@ def test_the_local_model_batches_each_rendered_prompt(models_dir, tmp_path, monk
 
     def spy(options, request, **kw):
         result = real_run_once(options, request, **kw)
-        calls.append((request.prompt, len(request.images), list(result.texts)))
+        calls.append(([request.prompt_of(i) for i in range(len(request.images))], list(result.texts)))
         # Random weights never emit a stop token, so every answer is cut at max_new_tokens (never written); this
         # test is about batching by rendered prompt, so the answers are taken as complete.
         assert set(result.endings) == {"cut"}
@@ -559,12 +567,15 @@ def test_the_local_model_batches_each_rendered_prompt(models_dir, tmp_path, monk
                                     caption=bc.CaptionOptions(recursive=True, write_jsonl=True, suffix=" [x]"))
     finally:
         ql.MANAGER.release()
-    assert sorted((p, n) for p, n, _ in calls) == [("Caption this blue picture.", 3), ("Caption this red picture.", 3)]
-    by_prompt = {p: texts for p, _, texts in calls}
+    # One batch of CHUNK (4) images across the two prompts, each answer its own prompt (issue 31), then the rest.
+    assert [len(prompts) for prompts, _ in calls] == [4, 2]
+    assert [p for prompts, _ in calls for p in prompts] == (["Caption this blue picture."] * 3
+                                                             + ["Caption this red picture."] * 3)
+    answers = [t for _, texts in calls for t in texts]
     rows = imagefolder_rows(folder)
     for r in results:
         rel = r.path.relative_to(folder).as_posix()
-        answer = by_prompt[f"Caption this {r.path.parent.name} picture."][int(r.path.stem)]
+        answer = answers[(0 if r.path.parent.name == "blue" else 3) + int(r.path.stem)]
         if not bc.clean_caption(answer):
             assert r.status == bc.EMPTY_ANSWER and rel not in rows
             continue

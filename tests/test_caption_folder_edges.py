@@ -390,7 +390,7 @@ def test_a_read_only_folder_keeps_every_computed_caption_through_the_node(echo, 
             write_txt=True, overwrite=False, seed=0)
     finally:
         undo()
-    captions_out, files_out = out["result"]
+    captions_out, files_out = out["result"][:2]
     assert [Path(f).name for f in files_out] == ["a.png", "b.png", "c.png"]
     assert captions_out == [streamed(BLUE), streamed((0, 100, 100)), streamed((100, 100, 0))]
     assert out["ui"]["text"][0].startswith("0 written, 0 skipped, 3 failed (a.png: cannot write a.txt")

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 WIDGET_TYPES = ("STRING", "INT", "FLOAT", "BOOLEAN")
-CORE_NODES = {"LoadImage": 2}  # widget count of core nodes used in the examples
+CORE_NODES = {"LoadImage": 2, "PreviewImage": 0}  # widget count of core nodes used in the examples
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 
 

@@ -225,7 +225,7 @@ def test_caption_folder_writes_and_skips(nodes, tmp_path):
     out = nodes.QwenVLFastCaptionFolder().caption(
         qwenvl_model=handle, folder=str(folder), prompt="Caption.", image_quality="fast", max_new_tokens=4,
         write_txt=True, overwrite=False, seed=0)
-    captions, files = out["result"]
+    captions, files, report, report_image = out["result"]
     by_name = {p.split("/")[-1]: c for p, c in zip(files, captions)}
     assert by_name["img0.png"] == "already done"
     assert (folder / "img1.txt").read_text(encoding="utf-8") == by_name["img1.png"]
@@ -233,6 +233,7 @@ def test_caption_folder_writes_and_skips(nodes, tmp_path):
     assert not (folder / "broken.txt").exists()
     assert any("broken.png: error" in line for line in out["ui"]["text"])
     assert (folder / "img0.txt").read_text(encoding="utf-8") == "already done"
+    assert json.loads(report)["files_seen"] == 4 and report_image.shape[0] == 1 and report_image.shape[3] == 3
 
 
 def test_thinking_block_is_split_out(pack):
