@@ -20,7 +20,7 @@ from .captioning.report import chart_tensor, folder_report
 from .comfyui_host import glue as comfy_glue
 from .comfyui_host import trust as comfy_trust
 from .core.api import BACKENDS, DEFAULT_MAX_FRAMES, DEFAULT_MAX_IN_FLIGHT, DEFAULT_VIDEO_FPS, UPLOAD_FORMATS, VideoClip
-from .embedding_cache import CACHE_DIR_ENV
+from .embedding_cache import CACHE_DIR_ENV, cache_summary_line
 from .engine.structured import OUTPUT_FORMATS, TAGS_MAX_CHARS, TAGS_MAX_COUNT
 from .vision.video import as_clip
 
@@ -423,23 +423,6 @@ class _AnyType(str):
 
 
 ANY_TYPE = _AnyType("*")
-
-
-def cache_summary_line(figures: dict[str, Any]) -> str:
-    """Cache Info's figures in one line for the node ("12 hits (10 memory, 2 disk) · 3 misses · ...")."""
-    hits = int(figures.get("memory_hits", 0)) + int(figures.get("disk_hits", 0))
-    parts = [f"{hits} hits ({figures.get('memory_hits', 0)} memory, {figures.get('disk_hits', 0)} disk)",
-             f"{figures.get('misses', 0)} misses",
-             f"memory {figures.get('memory_entries', 0)} entries, {_mib(figures.get('memory_bytes', 0))}"]
-    if figures.get("disk_enabled"):
-        parts.append(f"disk {figures.get('disk_entries', 0)} entries, {_mib(figures.get('disk_bytes', 0))}")
-    else:
-        parts.append("disk off")
-    return " · ".join(parts)
-
-
-def _mib(count: Any) -> str:
-    return f"{int(count or 0) / 2**20:.1f} MiB"
 
 
 class QwenVLFastCaptionFolder:
