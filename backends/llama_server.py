@@ -55,6 +55,7 @@ import torch
 
 from ..core.api import GenerationRequest, GenerationResult, LoadOptions
 from ..core.errors import GenerationInterrupted, QwenVLError
+from ..core.settings import env_int
 from ..sources.models import GGUF_SPLIT, GGUF_SUFFIX, is_gguf_projector
 from .api_key import forget_server_key, new_server_key, origin_text, register_server_key
 from .errors import ServerError
@@ -176,19 +177,6 @@ def llama_server_binary() -> str:
     raise QwenVLError(f"A .gguf model runs in llama.cpp's llama-server, which was not found: set ${LLAMA_SERVER_ENV} "
                       "to its path, or put llama-server on PATH. Release binaries (CUDA for NVIDIA, Metal on macOS, "
                       f"Vulkan for AMD/Intel GPUs, CPU otherwise) are at {RELEASES_URL}.")
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise QwenVLError(f"${name} must be a whole number (it is '{raw[:40]}').") from None
-    if value < minimum:
-        raise QwenVLError(f"${name} must be at least {minimum} (it is {value}).")
-    return value
 
 
 def _free_port() -> int:
@@ -321,9 +309,9 @@ class LlamaServerProcess:
         self.slots = max(1, int(slots))
         per_slot = context_per_slot
         if per_slot is None:
-            per_slot = _env_int(CONTEXT_ENV, DEFAULT_CONTEXT_PER_SLOT, 256)
+            per_slot = env_int(CONTEXT_ENV, DEFAULT_CONTEXT_PER_SLOT, 256)
         self.context = per_slot * self.slots
-        self.cache_ram_mb = cache_ram_mb if cache_ram_mb is not None else _env_int(CACHE_RAM_ENV,
+        self.cache_ram_mb = cache_ram_mb if cache_ram_mb is not None else env_int(CACHE_RAM_ENV,
                                                                                     DEFAULT_CACHE_RAM_MB, 0)
         self.binary = binary or llama_server_binary()
         self._log_dir = log_dir
@@ -388,7 +376,7 @@ class LlamaServerProcess:
         """Launch and wait for ``/health``; Cancel (``should_stop``) or a failure stops it and raises."""
         if self.alive():
             return
-        timeout = float(timeout if timeout is not None else _env_int(START_TIMEOUT_ENV, int(DEFAULT_START_TIMEOUT_S),
+        timeout = float(timeout if timeout is not None else env_int(START_TIMEOUT_ENV, int(DEFAULT_START_TIMEOUT_S),
                                                                     1))
         self.log_path = private_log_dir(self._log_dir) / self._log_name
         for attempt in range(3):  # a port taken between choosing it and the server binding it: choose again
