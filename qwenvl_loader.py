@@ -74,6 +74,41 @@ from .vision.images import canonicalize_image, split_image_batch
 log = logging.getLogger("QwenVL-Fast")
 
 
+def _load_pretrained(path: Any, options: LoadOptions, dtype: torch.dtype, attention: str, quant: Any,
+                     device: torch.device) -> tuple[Any, Any, Any, str]:
+    """A model folder's weights and processor (safetensors only, no remote code), checked before and after."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    check_folder(path)
+    model_type = check_architecture(path)
+    kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention, trust_remote_code=False,
+                                  use_safetensors=True)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except torch.OutOfMemoryError as exc:
+        release_memory()
+        raise QwenVLError(f"Out of memory loading '{options.model}': choose quantization '4-bit' or a smaller "
+                          "model.") from exc
+    if quant is None:
+        model.to(device)
+    model.eval()
+    config = model.config
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    if not getattr(processor, "chat_template", None):
+        # Some repos keep the template in tokenizer_config.json only; without any, every run would fail.
+        tokenizer_template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+        if not tokenizer_template:
+            raise ModelNotFoundError(
+                f"'{path}' has no chat template (chat_template.jinja or chat_template.json): copy it from the "
+                "model repository into the folder."
+            )
+        processor.chat_template = tokenizer_template
+    return model, processor, config, model_type
+
+
 def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = None) -> QwenVLModel | ServerModel:
     """``should_stop`` (Cancel) ends a server backend's load (its ``/models`` call, a llama-server's start); a
     transformers load ignores it."""
@@ -85,8 +120,6 @@ def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = No
         # A GGUF pair runs in llama.cpp's llama-server, started (and stopped) by the model it backs.
         gguf = resolve_model(options.model, allow_absolute=options.allow_absolute_path)
         return LlamaServerModel(options, gguf.path, should_stop=should_stop)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     if options.quantization not in QUANTIZATION_CHOICES:
@@ -107,33 +140,7 @@ def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = No
                 pass
     else:
         path = source.path if source.kind == "local" else download_model(source.repo_id or source.name)
-        check_folder(path)
-        model_type = check_architecture(path)
-        kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attention, trust_remote_code=False,
-                                      use_safetensors=True)
-        if quant is not None:
-            kwargs["quantization_config"] = quant
-            kwargs["device_map"] = {"": device.index or 0}
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        except torch.OutOfMemoryError as exc:
-            release_memory()
-            raise QwenVLError(f"Out of memory loading '{options.model}': choose quantization '4-bit' or a smaller "
-                              "model.") from exc
-        if quant is None:
-            model.to(device)
-        model.eval()
-        config = model.config
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-        if not getattr(processor, "chat_template", None):
-            # Some repos keep the template in tokenizer_config.json only; without any, every run would fail.
-            tokenizer_template = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
-            if not tokenizer_template:
-                raise ModelNotFoundError(
-                    f"'{path}' has no chat template (chat_template.jinja or chat_template.json): copy it from the "
-                    "model repository into the folder."
-                )
-            processor.chat_template = tokenizer_template
+        model, processor, config, model_type = _load_pretrained(path, options, dtype, attention, quant, device)
     # dtype=auto on a CPU: each part in the dtype measured faster here, threads on the physical cores (cpu_dtype.py)
     parts = cpu_dtype.auto_cpu_parts(model, options.dtype, device)
     dtype = parts.text if parts is not None else dtype
