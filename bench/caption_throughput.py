@@ -62,7 +62,7 @@ from typing import Any  # noqa: E402
 import bench  # noqa: E402, F401  (the pack as qwenvl_fast)
 from bench.cli import machine_info  # noqa: E402
 from bench.fmt import fmt_ratio, fmt_time  # noqa: E402
-from bench.inputs import CAPTION_PROMPT, make_uint8_image  # noqa: E402
+from bench.inputs import CAPTION_PROMPT, cut_by_design, make_uint8_image  # noqa: E402
 from qwenvl_fast import captioning as bc  # noqa: E402
 from qwenvl_fast import embedding_cache as caches  # noqa: E402
 from qwenvl_fast import qwenvl_loader as ql  # noqa: E402
@@ -174,9 +174,9 @@ def caption_pass(variant: str, options: ql.LoadOptions, folder: Path, request: q
     # tokens that decode to nothing) was generated too. Both count as answered and are reported; any other error
     # fails the pass.
     empty = sum(r.status == bc.EMPTY_ANSWER for r in results)
-    cut = sum(_is_cut(r.status) for r in results)
+    cut = sum(cut_by_design(r.status) for r in results)
     bad = [f"{r.path.name}: {r.status}" for r in results
-           if r.status not in ("written", bc.EMPTY_ANSWER) and not _is_cut(r.status)]
+           if r.status not in ("written", bc.EMPTY_ANSWER) and not cut_by_design(r.status)]
     if len(results) != n or bad:
         raise RuntimeError(f"{variant}: {len(results)} results for {n} files; failed: {bad[:3]}")
     stages: dict[str, float] = {}
@@ -188,10 +188,6 @@ def caption_pass(variant: str, options: ql.LoadOptions, folder: Path, request: q
                 outside_s=max(0.0, wall - run_total), stages=stages, empty_answers=empty, cut_answers=cut,
                 new_tokens=sum(int(rec.new_tokens) for rec in records),
                 visual_tokens=sum(int(i.get("tokens", 0)) for rec in records for i in rec.images))
-
-
-def _is_cut(status: str) -> bool:
-    return status.startswith("error: cut at max_new_tokens")
 
 
 def expected_runs(variant: str, n: int, in_flight: int) -> int:
