@@ -593,7 +593,7 @@ def test_generation_writes_nothing_outside_its_folders(models_dir, tmp_path):
     assert any(p.is_file() for p in cache.rglob("*")), "the disk cache was not written where it was told"
 
 
-def test_caption_folder_ignores_links_leaving_the_folder(models_dir, tmp_path):
+def test_caption_folder_ignores_links_leaving_the_folder(models_dir, tmp_path, cut_answers_count_as_complete):
     from PIL import Image
 
     from qwenvl_fast import captioning as bc

@@ -48,7 +48,7 @@ def test_load_video_file_samples_evenly_and_exactly(tmp_path):
     assert short.frames.shape[0] == 20 and short.source_indices == list(range(20))
 
 
-def test_caption_folder_with_videos(tmp_path, models_dir):
+def test_caption_folder_with_videos(tmp_path, models_dir, cut_answers_count_as_complete):
     folder = tmp_path / "folder"
     folder.mkdir()
     frames = clip_frames(12, 56, 84, seed=1)
