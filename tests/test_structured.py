@@ -178,7 +178,7 @@ def test_caption_folder_json_field_and_metadata(models_dir, tmp_path, family):
     assert len(rows) == 3
     for r, row in zip(results, rows):
         jsonschema.validate(row["json"], SCHEMA)
-        # The caption file and the text column hold the field stripped of surrounding whitespace (batch_caption);
+        # The caption file and the text column hold the field stripped of surrounding whitespace (captioning/cleanup.py);
         # the json column keeps the answer's value as generated.
         assert row["text"] == row["json"]["caption"].strip() == r.caption
         assert (folder / f"{r.path.stem}.txt").read_text(encoding="utf-8") == r.caption
