@@ -557,11 +557,14 @@ def test_caption_folder_through_a_vllm_server(comfy_server, tiny_choice, vllm_se
     _assert_success(entry, comfy_server)
     text = node_ui(entry, "7")["text"]  # the run's summary line, then one line per file
     summary = sorted(text[1:])
-    # The tiny model's random weights answer some images with tokens that decode to no text: those are the
-    # empty-answer error and get no file (a 0-byte caption would pass for a caption); every other is written.
-    empty = "error: the model gave an empty answer; nothing written"
+    # The tiny model's random weights answer some images with tokens that decode to no text (the empty-answer
+    # error: no file, a 0-byte caption would pass for a caption) and rarely stop on their own within 6 tokens (cut
+    # at max_new_tokens: that file's error, nothing written, issue 27); a complete answer is written. Every file
+    # is accounted for, and only the written ones have a caption file.
+    outcomes = (": written", ": error: the model gave an empty answer; nothing written",
+                ": error: cut at max_new_tokens=6: raise max_new_tokens; nothing written")
     written = [line.split(":")[0] for line in summary if line.endswith(": written")]
-    assert written and all(line.endswith((": written", f": {empty}")) for line in summary), summary
+    assert len(summary) == 5 and all(line.endswith(outcomes) for line in summary), summary
     assert sorted(p.stem + ".png" for p in folder.glob("*.txt")) == written, summary
     assert all(p.read_text(encoding="utf-8").strip() for p in folder.glob("*.txt"))
     assert text[0].startswith(f"{len(written)} written, 0 skipped, {5 - len(written)} failed"), text[0]

@@ -178,7 +178,7 @@ def test_caption_folder_json_field_and_metadata(models_dir, tmp_path, family):
     assert len(rows) == 3
     for r, row in zip(results, rows):
         jsonschema.validate(row["json"], SCHEMA)
-        # The caption file and the text column hold the field stripped of surrounding whitespace (captioning/cleanup.py);
+        # The caption file and the text column hold the field stripped of surrounding whitespace (cleanup.py);
         # the json column keeps the answer's value as generated.
         assert row["text"] == row["json"]["caption"].strip() == r.caption
         assert (folder / f"{r.path.stem}.txt").read_text(encoding="utf-8") == r.caption
@@ -279,9 +279,11 @@ def test_node_inputs_are_optional_and_last():
     """Widget values are saved by position: the new inputs go after every existing one, with text's defaults."""
     from qwenvl_fast import nodes
 
-    for cls, tail in [(nodes.QwenVLFastRun, ["output_format", "json_schema"]),
+    # Inputs added after structured output (server_timeout_s, the tag rules) come after it, as they must.
+    for cls, tail in [(nodes.QwenVLFastRun, ["output_format", "json_schema", "server_timeout_s"]),
                       (nodes.QwenVLFastGenerate, ["output_format", "json_schema"]),
-                      (nodes.QwenVLFastCaptionFolder, ["output_format", "json_schema", "json_field"])]:
+                      (nodes.QwenVLFastCaptionFolder, ["output_format", "json_schema", "json_field", "exclude_tags",
+                                                       "replace_tags"])]:
         types = cls.INPUT_TYPES()
         assert list(types["optional"])[-len(tail):] == tail
         assert not set(tail) & set(types["required"])
