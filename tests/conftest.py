@@ -8,10 +8,12 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # Property-based tests: CI runs the deterministic, bounded "ci" profile (same examples every run, no deadline on a
-# shared 2-core machine); `QWENVL_FAST_HYPOTHESIS=long` explores at random, many more examples, by hand.
+# shared 2-core machine); `QWENVL_FAST_HYPOTHESIS=long` explores at random, many more examples, by hand
+# (`QWENVL_FAST_HYPOTHESIS_EXAMPLES`, default 1000).
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.register_profile("long", deadline=None, print_blob=True, max_examples=1000,
+settings.register_profile("long", deadline=None, print_blob=True,
+                          max_examples=int(os.environ.get("QWENVL_FAST_HYPOTHESIS_EXAMPLES", "1000")),
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("QWENVL_FAST_HYPOTHESIS", "ci"))
 
