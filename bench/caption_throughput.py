@@ -305,20 +305,66 @@ def summarize_row(passes: list[dict[str, Any]]) -> dict[str, Any]:
     return med
 
 
+def warm_up(variants: list[str], options: dict[str, ql.LoadOptions], managers: dict[str, ql.ModelManager],
+            request: ql.GenerationRequest, paused: Any, warm: Any, meta: dict[str, Any]) -> None:
+    """Untimed: load the model (and connect), one small folder through every row; what an idle vLLM costs."""
+    for v in variants:
+        folder = warm.write()
+        (paused.resume if v == "server" else paused.pause)()
+        t0 = time.perf_counter()
+        managers[v].get(options[v])
+        bc.caption_folder(options[v], folder, request, caption=bc.CaptionOptions(existing="overwrite"),
+                          manager=managers[v])
+        log.info("[bench] warm-up %s: %.1f s", v, time.perf_counter() - t0)
+        shutil.rmtree(folder, ignore_errors=True)
+        if v == "server" and paused.pgid:  # what an idle vLLM costs: the reason it is paused for the others
+            cpu0, t0 = group_cpu_s(paused.pgid), time.perf_counter()
+            time.sleep(3.0)
+            idle = (group_cpu_s(paused.pgid) - cpu0) / (time.perf_counter() - t0)
+            meta["vllm_idle_cpu_s_per_s"] = idle
+            log.info("[bench] idle vLLM: %.2f CPU seconds per second", idle)
+
+
+def timed_pass(v: str, options: ql.LoadOptions, folder: Path, request: ql.GenerationRequest,
+               args: argparse.Namespace, manager: ql.ModelManager, paused: Any) -> dict[str, Any]:
+    """One timed pass of row ``v`` (only the server row's vLLM runs meanwhile), checked for its run count."""
+    (paused.resume if v == "server" else paused.pause)()
+    cpu0 = group_cpu_s(paused.pgid) if v == "server" and paused.pgid else None
+    p = caption_pass(v, options, folder, request, int(args.images), manager)
+    if cpu0 is not None:
+        p["server_cpu_s"] = group_cpu_s(paused.pgid) - cpu0
+    want = expected_runs(v, int(args.images), int(args.in_flight))
+    if p["runs"] != want:
+        raise RuntimeError(f"{v}: {p['runs']} run_once calls, expected {want}")
+    return p
+
+
+def new_result(args: argparse.Namespace, command: str, folders: Any) -> dict[str, Any]:
+    """The result record before any pass: the run's settings and machine, one empty row per variant."""
+    rows = {v: dict(id=v, label=LABELS[v], status="ok", reason="", passes=[]) for v in VARIANTS}
+    meta = dict(command=command, machine=machine_info(ql.resolve_device("cpu")),
+                started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), images=args.images, files=folders.describe(),
+                rounds=args.rounds, new_tokens=args.new_tokens, quality=args.quality, in_flight=args.in_flight,
+                chunk=bc.CHUNK, notes=[])
+    return dict(meta=meta, rows=rows, ratios={})
+
+
+def add_ratios(ratios: dict[str, list[float]], passes: dict[str, dict[str, Any]]) -> None:
+    """One round's speed-ups over one by one (wall time), measured side by side in that round."""
+    base = passes.get("one_by_one")
+    for v, p in passes.items():
+        if base is not None:
+            ratios.setdefault(v, []).append(base["wall_s"] / p["wall_s"])
+
+
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="qwenvl-bench-caption-"))
     os.environ["QWENVL_FAST_CACHE_DIR"] = str(work / "cache")  # never the user's cache
     caches._CACHES.clear()
     sizes = QUICK_SIZES if args.quick else SIZES
     folders = Folders(int(args.images), sizes, args.seed, work)
-    rows: dict[str, dict[str, Any]] = {v: dict(id=v, label=LABELS[v], status="ok", reason="", passes=[])
-                                       for v in VARIANTS}
-    result: dict[str, Any] = dict(meta=dict(command=command, machine=machine_info(ql.resolve_device("cpu")),
-                                            started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), images=args.images,
-                                            files=folders.describe(), rounds=args.rounds,
-                                            new_tokens=args.new_tokens, quality=args.quality,
-                                            in_flight=args.in_flight, chunk=bc.CHUNK, notes=[]),
-                                  rows=rows, ratios={})
+    result = new_result(args, command, folders)
+    rows: dict[str, dict[str, Any]] = result["rows"]
     server = None
     t_start = time.perf_counter()
     try:
@@ -349,23 +395,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         variants = [v for v in VARIANTS if v in options]
         paused = PausedServer(server)
         managers = {v: ql.ModelManager() for v in variants}
-        # Untimed warm-up: loads the model (and connects), one small folder through every row.
-        warm = Folders(min(4, int(args.images)), sizes, args.seed + 1, work / "warm")
-        for v in variants:
-            folder = warm.write()
-            (paused.resume if v == "server" else paused.pause)()
-            t0 = time.perf_counter()
-            managers[v].get(options[v])
-            bc.caption_folder(options[v], folder, request, caption=bc.CaptionOptions(existing="overwrite"),
-                              manager=managers[v])
-            log.info("[bench] warm-up %s: %.1f s", v, time.perf_counter() - t0)
-            shutil.rmtree(folder, ignore_errors=True)
-            if v == "server" and paused.pgid:  # what an idle vLLM costs: the reason it is paused for the others
-                cpu0, t0 = group_cpu_s(paused.pgid), time.perf_counter()
-                time.sleep(3.0)
-                idle = (group_cpu_s(paused.pgid) - cpu0) / (time.perf_counter() - t0)
-                result["meta"]["vllm_idle_cpu_s_per_s"] = idle
-                log.info("[bench] idle vLLM: %.2f CPU seconds per second", idle)
+        warm_up(variants, options, managers, request, paused,
+                Folders(min(4, int(args.images)), sizes, args.seed + 1, work / "warm"), result["meta"])
         for r in range(int(args.rounds)):
             if not variants:  # every row failed (each says why)
                 break
@@ -374,15 +405,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             for v in order:
                 folder = folders.write()
                 try:
-                    (paused.resume if v == "server" else paused.pause)()
-                    cpu0 = group_cpu_s(paused.pgid) if v == "server" and paused.pgid else None
-                    p = caption_pass(v, options[v], folder, request, int(args.images), managers[v])
-                    if cpu0 is not None:
-                        p["server_cpu_s"] = group_cpu_s(paused.pgid) - cpu0
-                    want = expected_runs(v, int(args.images), int(args.in_flight))
-                    if p["runs"] != want:
-                        raise RuntimeError(f"{v}: {p['runs']} run_once calls, expected {want}")
-                    got[v] = p
+                    p = got[v] = timed_pass(v, options[v], folder, request, args, managers[v], paused)
                     rows[v]["passes"].append(dict(p, round=r))
                     log.info("[bench] round %d %s: %d captions in %s (%.2f captions/s)", r, v, args.images,
                              fmt_time(p["wall_s"]), p["captions_per_s"])
@@ -393,10 +416,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     variants = [x for x in variants if x != v]
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
-            base = got.get("one_by_one")
-            for v, p in got.items():
-                if base is not None:
-                    result["ratios"].setdefault(v, []).append(base["wall_s"] / p["wall_s"])
+            add_ratios(result["ratios"], got)
         for m in managers.values():
             m.release()
     finally:
