@@ -29,3 +29,13 @@ def test_requirements_and_pyproject_agree():
     assert requirements == declared, (
         f"only in requirements.txt: {sorted(requirements - declared)}; only in pyproject.toml: "
         f"{sorted(declared - requirements)}")
+
+
+def test_requirements_never_list_torch_or_torchvision():
+    """README: requirements.txt never lists torch or torchvision, so pip cannot replace ComfyUI's CUDA build (nor may
+    the registry's list)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for source, lines in [("requirements.txt", (ROOT / "requirements.txt").read_text().splitlines()),
+                          ("pyproject.toml", project["dependencies"])]:
+        names = {re.split(r"[<>=!~\[; ]", item, maxsplit=1)[0] for item in _requirement_set(lines)}
+        assert not names & {"torch", "torchvision", "torchaudio"}, f"{source} lists {names & {'torch', 'torchvision'}}"
