@@ -7,21 +7,23 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for pack_path only: the engine's modules cannot be imported as plain modules
+import pack_path  # noqa: E402
+
+pack_path.import_pack()  # the pack as `qwenvl_fast`, as ComfyUI would import it (no ComfyUI here: no nodes act)
+
+from qwenvl_fast.core.settings import env_int  # noqa: E402
+
 # Property-based tests: CI runs the deterministic, bounded "ci" profile (same examples every run, no deadline on a
 # shared 2-core machine); `QWENVL_FAST_HYPOTHESIS=long` explores at random, many more examples, by hand
 # (`QWENVL_FAST_HYPOTHESIS_EXAMPLES`, default 1000).
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("long", deadline=None, print_blob=True,
-                          max_examples=int(os.environ.get("QWENVL_FAST_HYPOTHESIS_EXAMPLES", "1000")),
+                          max_examples=env_int("QWENVL_FAST_HYPOTHESIS_EXAMPLES", 1000, minimum=1),
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("QWENVL_FAST_HYPOTHESIS", "ci"))
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for pack_path only: the engine's modules cannot be imported as plain modules
-import pack_path  # noqa: E402
-
-pack_path.import_pack()  # the pack as `qwenvl_fast`, as ComfyUI would import it (no ComfyUI here: no nodes act)
 
 ALL_TINY_FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3-vl-moe", "tiny-qwen3.5"]
 
