@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.api import ABORTED, COMPLETE, CUT, FAILED, FILTERED, GenerationRequest
+from ..core.api import ABORTED, CANCELLED, COMPLETE, CUT, FAILED, FILTERED, GenerationRequest
 from ..core.errors import GenerationInterrupted
 from ..core.sampling import Sampling
 from ..engine.structured import TAGS_MAX_CHARS, TAGS_MAX_COUNT, TAGS_REGEX, OutputSpec, spec_of
@@ -144,6 +144,7 @@ class Stream:
     t_first: float | None = None
     error: BaseException | None = None
     done: bool = False
+    cancelled: bool = False  # Cancel came before it ended (its text, if any, is not an answer)
     deadline: float | None = None  # set when its worker starts: a request waiting for a slot is not late
     abort: Abort = field(default_factory=Abort, repr=False)
     connection: http.client.HTTPConnection | None = field(default=None, repr=False)
@@ -155,6 +156,8 @@ class Stream:
     @property
     def ending(self) -> str:
         """How this answer ended (core.api.ENDINGS), once its worker is done."""
+        if self.cancelled:
+            return CANCELLED
         if self.dropped:
             return ABORTED
         if self.error is not None or not self.complete:
@@ -347,14 +350,16 @@ class StreamRunner:
                 raise
         if cancelled or any(isinstance(s.error, GenerationInterrupted) for s in streams):
             rec.interrupted = True
-            raise GenerationInterrupted("Generation was interrupted.")
+            if not req.per_answer_errors:
+                raise GenerationInterrupted("Generation was interrupted.")
+            _keep_what_ended_before_cancel(streams)
         for s in streams:
             # Faults that hit every answer raise, and any fault where the caller takes no per-answer errors.
             if s.error is not None and (not req.per_answer_errors or not isinstance(s.error, AnswerError)):
                 raise s.error
         errors = [str(s.error) if s.error is not None else None for s in streams]
         for s, error in zip(streams, errors):
-            if error is not None:
+            if error is not None and not s.cancelled:
                 log.warning("[QwenVL-Fast] answer %d failed on its own: %s", s.index + 1, error)
         total = len(streams) * int(req.max_new_tokens)
         if req.on_progress is not None:
@@ -414,6 +419,18 @@ def _take_choice(stream: Stream, choice: Any, cap: int, decoder: codecs.Incremen
         stream.finish_reason = clip(str(choice["finish_reason"]), 40)
         stream.server_finished = True
         stream.completed()
+
+
+def _keep_what_ended_before_cancel(streams: list[Stream]) -> None:
+    """After Cancel, with per-answer errors: an answer the server had ended stays as it ended (a caption folder
+    commits it), every other one is ``cancelled`` (its partial text never taken for an answer)."""
+    for s in streams:
+        if s.complete and s.server_finished and isinstance(s.error, GenerationInterrupted):
+            s.error = None  # Cancel only cut the closing [DONE]: the server had already finished this answer
+        if s.error is None and s.complete:
+            continue  # ended before Cancel, as it ended (complete, or cut by the reader's cap, ...)
+        s.cancelled = True
+        s.error = AnswerError("cancelled before it finished (Cancel)")
 
 
 def _abort_all(streams: list[Stream], reason: str) -> None:

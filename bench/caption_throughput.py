@@ -45,6 +45,7 @@ if __name__ == "__main__":  # run as a script: the repository root on sys.path, 
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -74,11 +75,16 @@ log = logging.getLogger("QwenVL-Fast.bench")  # INFO while the engine's own logg
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PRESET = "synthetic:tiny-qwen2.5-vl-h64"
 SERVED_NAME = "tiny-qwen2.5-vl"
-VARIANTS = ("one_by_one", "batched", "server")
+VARIANTS = ("one_by_one", "batched", "server", "server_per_image")
+LOCAL = ("one_by_one", "batched")
+SERVER = ("server", "server_per_image")
+# The per-image row's prompt: Caption Folder fills ``{name}`` per file, so every request has its own prompt.
+PER_IMAGE_PROMPT = CAPTION_PROMPT + " The file is called {name}."
 LABELS = {
     "one_by_one": "(a) local, one by one (1 image per run_once)",
     "batched": f"(b) local, batched ({bc.CHUNK} images per run_once, answers batched)",
-    "server": "(c) server backend -> vLLM (CPU build)",
+    "server": "(c) server backend -> vLLM (CPU build), one shared prompt",
+    "server_per_image": "(d) server backend -> vLLM (CPU build), a prompt per image ({name})",
 }
 # (width, height, format): small to large photos; the large ones as JPEG, as cameras write them.
 SIZES = [(320, 240, "png"), (640, 480, "png"), (1024, 768, "png"), (1920, 1080, "jpg"), (4000, 3000, "jpg")]
@@ -191,7 +197,8 @@ def caption_pass(variant: str, options: ql.LoadOptions, folder: Path, request: q
 
 
 def expected_runs(variant: str, n: int, in_flight: int) -> int:
-    per_run = {"one_by_one": 1, "batched": bc.CHUNK, "server": 2 * max(1, in_flight)}[variant]
+    # The per-image row must go in the same chunks as the shared prompt: each answer carries its own prompt.
+    per_run = {"one_by_one": 1, "batched": bc.CHUNK}.get(variant, 2 * max(1, in_flight))
     return math.ceil(n / per_run)
 
 
@@ -268,11 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", default="fast", help="image preset of every row (default fast)")
     p.add_argument("--in-flight", type=int, default=ql.LoadOptions.server_max_in_flight,
                    help="server row: requests in flight")
-    p.add_argument("--model-dir", help="local model folder (default: the synthetic preset written to a temp folder)")
+    p.add_argument("--model", default=MODEL_PRESET,
+                   help=f"a synthetic preset (default {MODEL_PRESET}; e.g. synthetic:qwen2.5-vl-3b, the 3B size) "
+                        "or a model folder; written to a temp folder only when a vLLM is started for it")
+    p.add_argument("--model-dir", help="local model folder (same as --model FOLDER)")
+    p.add_argument("--rows", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="which rows run (default all)")
     p.add_argument("--server-url", help="server row: use this running server (OpenAI-compatible base URL) "
                                         "instead of starting vLLM")
     p.add_argument("--server-model", default="", help="with --server-url: the served model's name")
-    p.add_argument("--no-server", action="store_true", help="skip the server row")
+    p.add_argument("--no-server", action="store_true", help="skip the server rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result (with every pass's raw numbers) to this file")
     p.add_argument("--markdown", help="write the tables to this file")
@@ -310,14 +322,15 @@ def warm_up(variants: list[str], options: dict[str, ql.LoadOptions], managers: d
     """Untimed: load the model (and connect), one small folder through every row; what an idle vLLM costs."""
     for v in variants:
         folder = warm.write()
-        (paused.resume if v == "server" else paused.pause)()
+        (paused.resume if v in SERVER else paused.pause)()
         t0 = time.perf_counter()
         managers[v].get(options[v])
-        bc.caption_folder(options[v], folder, request, caption=bc.CaptionOptions(existing="overwrite"),
-                          manager=managers[v])
+        bc.caption_folder(options[v], folder, request_for(v, request),
+                          caption=bc.CaptionOptions(existing="overwrite"), manager=managers[v])
         log.info("[bench] warm-up %s: %.1f s", v, time.perf_counter() - t0)
         shutil.rmtree(folder, ignore_errors=True)
-        if v == "server" and paused.pgid:  # what an idle vLLM costs: the reason it is paused for the others
+        # What an idle vLLM costs: the reason it is paused for the others.
+        if v in SERVER and paused.pgid and "vllm_idle_cpu_s_per_s" not in meta:
             cpu0, t0 = group_cpu_s(paused.pgid), time.perf_counter()
             time.sleep(3.0)
             idle = (group_cpu_s(paused.pgid) - cpu0) / (time.perf_counter() - t0)
@@ -328,9 +341,9 @@ def warm_up(variants: list[str], options: dict[str, ql.LoadOptions], managers: d
 def timed_pass(v: str, options: ql.LoadOptions, folder: Path, request: ql.GenerationRequest,
                args: argparse.Namespace, manager: ql.ModelManager, paused: Any) -> dict[str, Any]:
     """One timed pass of row ``v`` (only the server row's vLLM runs meanwhile), checked for its run count."""
-    (paused.resume if v == "server" else paused.pause)()
-    cpu0 = group_cpu_s(paused.pgid) if v == "server" and paused.pgid else None
-    p = caption_pass(v, options, folder, request, int(args.images), manager)
+    (paused.resume if v in SERVER else paused.pause)()
+    cpu0 = group_cpu_s(paused.pgid) if v in SERVER and paused.pgid else None
+    p = caption_pass(v, options, folder, request_for(v, request), int(args.images), manager)
     if cpu0 is not None:
         p["server_cpu_s"] = group_cpu_s(paused.pgid) - cpu0
     want = expected_runs(v, int(args.images), int(args.in_flight))
@@ -349,12 +362,58 @@ def new_result(args: argparse.Namespace, command: str, folders: Any) -> dict[str
     return dict(meta=meta, rows=rows, ratios={})
 
 
+def request_for(variant: str, request: ql.GenerationRequest) -> ql.GenerationRequest:
+    """The row's request: the per-image row's prompt names the file, so no two images share a prompt."""
+    if variant == "server_per_image":
+        return dataclasses.replace(request, prompt=PER_IMAGE_PROMPT)
+    return request
+
+
 def add_ratios(ratios: dict[str, list[float]], passes: dict[str, dict[str, Any]]) -> None:
-    """One round's speed-ups over one by one (wall time), measured side by side in that round."""
+    """One round's speed-ups (wall time), measured side by side in that round: every row over one by one, and
+    the per-image prompts over the shared prompt (``per_image_vs_shared``, 1.0 = as fast)."""
     base = passes.get("one_by_one")
     for v, p in passes.items():
         if base is not None:
             ratios.setdefault(v, []).append(base["wall_s"] / p["wall_s"])
+    shared, per_image = passes.get("server"), passes.get("server_per_image")
+    if shared is not None and per_image is not None:
+        ratios.setdefault("per_image_vs_shared", []).append(shared["wall_s"] / per_image["wall_s"])
+
+
+def row_options(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Each wanted row's LoadOptions, and the vLLM started for the server rows (None when none was): the model is
+    written to a folder only for vLLM; the local rows load a synthetic preset directly."""
+    rows, meta = result["rows"], result["meta"]
+    for v in VARIANTS:
+        if v not in args.rows:
+            rows[v].update(status="skipped", reason="not in --rows")
+    wanted_servers = [v for v in SERVER if v in args.rows]
+    model = args.model_dir or args.model
+    meta["model"] = model if not synthetic.is_synthetic_name(model) else f"{model} (random weights)"
+    if wanted_servers and args.no_server:
+        for v in wanted_servers:
+            rows[v].update(status="skipped", reason="--no-server")
+        wanted_servers = []
+    server, url, reason = None, args.server_url, None
+    if wanted_servers and not url:
+        model_dir = (synthetic.save_synthetic(model, work / "model") if synthetic.is_synthetic_name(model)
+                     else Path(model))
+        model = str(model_dir)
+        server, reason = start_vllm(model_dir, work)
+        url = server.url if server else None
+        if server:
+            meta["vllm_start_s"] = server.start_seconds
+    local = ql.LoadOptions(model=model, device="cpu")
+    options: dict[str, Any] = {v: local for v in LOCAL if v in args.rows}
+    for v in wanted_servers:
+        if reason:
+            rows[v].update(status="skipped", reason=reason)
+            continue
+        options[v] = ql.LoadOptions(model="(served)", backend="server", server_url=url,
+                                    server_model=args.server_model or (SERVED_NAME if server else ""),
+                                    server_max_in_flight=int(args.in_flight))
+    return options, server
 
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -368,33 +427,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     server = None
     t_start = time.perf_counter()
     try:
-        model_dir = Path(args.model_dir) if args.model_dir else synthetic.save_synthetic(MODEL_PRESET,
-                                                                                         work / "model")
-        result["meta"]["model"] = args.model_dir or f"{MODEL_PRESET} (written to a folder)"
-        local = ql.LoadOptions(model=str(model_dir), device="cpu")
-        options = {"one_by_one": local, "batched": local}
-        if args.no_server:
-            rows["server"].update(status="skipped", reason="--no-server")
-        else:
-            url, reason = args.server_url, None
-            if not url:
-                server, reason = start_vllm(model_dir, work)
-                url = server.url if server else None
-                if server:
-                    result["meta"]["vllm_start_s"] = server.start_seconds
-            if reason:
-                rows["server"].update(status="skipped", reason=reason)
-            else:
-                options["server"] = ql.LoadOptions(
-                    model="(served)", backend="server", server_url=url,
-                    server_model=args.server_model or (SERVED_NAME if server else ""),
-                    server_max_in_flight=int(args.in_flight))
+        options, server = row_options(args, work, result)
         request = ql.GenerationRequest(prompt=CAPTION_PROMPT, image_quality=args.quality,
                                        max_new_tokens=int(args.new_tokens), min_new_tokens=int(args.new_tokens),
                                        disk_cache=False)
         variants = [v for v in VARIANTS if v in options]
         paused = PausedServer(server)
-        managers = {v: ql.ModelManager() for v in variants}
+        local_manager = ql.ModelManager()  # the local rows share one model: a 3B-size one twice would not fit
+        managers = {v: local_manager if v in LOCAL else ql.ModelManager() for v in variants}
         warm_up(variants, options, managers, request, paused,
                 Folders(min(4, int(args.images)), sizes, args.seed + 1, work / "warm"), result["meta"])
         for r in range(int(args.rounds)):
@@ -417,7 +457,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
             add_ratios(result["ratios"], got)
-        for m in managers.values():
+        for m in {id(m): m for m in managers.values()}.values():
             m.release()
     finally:
         if server is not None:
@@ -475,6 +515,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         cpu = fmt_time(m["cpu_s"]) + (f" (+ {fmt_time(m['server_cpu_s'])})" if "server_cpu_s" in m else "")
         lines.append(f"| {row['label']} | {rate} | {fmt_time(m['wall_s'])} | {cpu} | "
                      f"{m['runs']:.0f} | {spread_text(result['ratios'].get(v, []))} |")
+    pairs = result["ratios"].get("per_image_vs_shared", [])
+    if pairs:
+        lines += ["", f"Per-image prompts vs one shared prompt on the server backend (shared wall / per-image wall, "
+                      f"paired within each round; 1.00x = as fast): {spread_text(pairs)}"]
     lines += ["", "Where the time goes (median per pass; run records' stages summed over the pass's run_once calls; "
               "`outside run_once` = wall - the runs' totals: reading and decoding the files, writing the captions):",
               ""]

@@ -372,10 +372,11 @@ class _Context:
             raise FolderInterrupted(str(exc) or "Captioning was interrupted.", self.results, len(works)) from exc
         cancelled = 0
         for i, w in enumerate(works):
+            if result.ending_of(i) == CANCELLED:
+                cancelled += 1  # unfinished, as if never asked: no result, no ledger line; the next run asks again
+                continue
             text = result.texts[i] if i < len(result.texts) else ""
             why = ending_error(result, i, request.max_new_tokens)
-            if result.ending_of(i) == CANCELLED:
-                cancelled += 1
             self.results.append(finish(w, text, why, self.caption, self.output_format, self.ledger,
                                        self.transform))
         if cancelled:

@@ -28,6 +28,7 @@ class Reply:
     completion_tokens: int = 3
     finish_reason: str | None = "stop"  # None: no finish chunk (a bare [DONE], or a dropped stream)
     done: bool = True  # end with "data: [DONE]"; False with no finish_reason: the stream just closes
+    hold: threading.Event | None = None  # the answer starts only once this is set (or after HOLD_LIMIT_S)
 
 
 def first_pixel(body: dict[str, Any]) -> tuple[int, int, int]:
@@ -45,6 +46,9 @@ def prompt_of(body: dict[str, Any]) -> str:
 
 def image_count(body: dict[str, Any]) -> int:
     return sum(p["type"] == "image_url" for p in body["messages"][-1]["content"])
+
+
+HOLD_LIMIT_S = 30.0  # a held answer never outlives its test by much
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -71,6 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self.server.reply(self.server, body)
         if self.server.delay:
             time.sleep(self.server.delay)
+        if reply.hold is not None:
+            reply.hold.wait(HOLD_LIMIT_S)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()

@@ -66,20 +66,26 @@ def test_server_row_against_vllm_or_skipped_with_the_reason(throughput):
         assert row["status"] == "skipped" and "vLLM" in row["reason"], row
         assert "skipped: vLLM" in md
         return
-    assert row["status"] == "ok", row["reason"]
-    m = row["metrics"]
-    assert positive(m["captions_per_s"]) and positive(m["wall_s"])
-    assert m["runs"] == math.ceil(IMAGES / (2 * data["meta"]["in_flight"]))
-    assert m["new_tokens"] == IMAGES * data["meta"]["new_tokens"]
-    for stage in ("hash", "preprocess", "upload", "prefill"):
-        assert positive(m["stages"].get(stage)), (stage, m["stages"])
-    assert len(data["ratios"]["server"]) == 2 and all(positive(r) for r in data["ratios"]["server"])
+    # (c) one shared prompt and (d) a prompt per image ({name}) go in the same chunks: each answer its own prompt.
+    for rid in ("server", "server_per_image"):
+        row = data["rows"][rid]
+        assert row["status"] == "ok", (rid, row["reason"])
+        m = row["metrics"]
+        assert positive(m["captions_per_s"]) and positive(m["wall_s"])
+        assert m["runs"] == math.ceil(IMAGES / (2 * data["meta"]["in_flight"])), (rid, m["runs"])
+        assert m["new_tokens"] == IMAGES * data["meta"]["new_tokens"]
+        for stage in ("hash", "preprocess", "upload", "prefill"):
+            assert positive(m["stages"].get(stage)), (rid, stage, m["stages"])
+        assert len(data["ratios"][rid]) == 2 and all(positive(r) for r in data["ratios"][rid])
+    pairs = data["ratios"]["per_image_vs_shared"]
+    assert len(pairs) == 2 and all(positive(r) for r in pairs)
+    assert "Per-image prompts vs one shared prompt" in md
 
 
 def test_tables_render_with_the_command_and_the_spread(throughput):
     _, md, stdout, _ = throughput
     assert md in stdout
     for text in ("python bench/caption_throughput.py --quick --rounds 2", "| Row | Captions/s (min-max) |",
-                 "(a) local, one by one", "(b) local, batched", "(c) server backend", "Where the time goes",
-                 "| encode |", "outside run_once", "1.00x (1.00x-1.00x)"):
+                 "(a) local, one by one", "(b) local, batched", "(c) server backend", "(d) server backend",
+                 "Where the time goes", "| encode |", "outside run_once", "1.00x (1.00x-1.00x)"):
         assert text in md, text

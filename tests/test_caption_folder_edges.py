@@ -10,6 +10,7 @@ through the pack's real server backend.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import stat
@@ -546,6 +547,42 @@ def test_cancel_mid_folder_keeps_whole_captions_and_no_temp_files(echo, dirs):
     assert (folder / "0.txt").read_text(encoding="utf-8") == streamed(colours[0])
     assert (folder / "1.txt").read_text(encoding="utf-8") == streamed(colours[1])
     assert sorted(p.name for p in folder.iterdir()) == ["0.png", "0.txt", "1.png", "1.txt", "2.png", "3.png", "4.png"]
+
+
+def test_cancel_mid_chunk_commits_the_answers_already_ended(dirs):
+    """Cancel while some answers of a chunk are still streaming: the ones the server had ended are committed, the
+    others are unfinished (no caption, no ledger line), and the next run asks only for those."""
+    folder, _ = dirs
+    colours = [(10 * i, 70, 90) for i in range(4)]
+    for i, rgb in enumerate(colours):
+        solid(folder, f"{i}.png", rgb)
+    hold = threading.Event()
+
+    def reply(server: ScriptedServer, body: dict) -> Reply:
+        rgb = first_pixel(body)
+        held = rgb[0] >= 20  # images 2 and 3 wait until the test lets them go
+        return Reply([word + " " for word in caption_of(rgb).split(" ")], hold=hold if held else None)
+
+    server = ScriptedServer(reply).start()
+    try:
+        # Two in flight, one chunk of four: bodies 3 and 4 are sent only once answers 1 and 2 have ended.
+        options = dataclasses.replace(served(server), server_max_in_flight=2)
+        with pytest.raises(bc.FolderInterrupted) as caught:
+            bc.caption_folder(options, folder, request(should_stop=lambda: len(server.bodies) >= 4))
+        assert caught.value.unfinished == 2
+        assert statuses(caught.value.results) == {"0.png": "written", "1.png": "written"}
+        assert sorted(p.name for p in folder.iterdir() if p.suffix == ".txt") == ["0.txt", "1.txt"]
+        assert (folder / "0.txt").read_text(encoding="utf-8") == streamed(colours[0])
+        assert no_temp_files(folder)
+        hold.set()
+        asked = len(server.bodies)
+        again = bc.caption_folder(options, folder, request())
+        assert statuses(again) == {"0.png": "skipped", "1.png": "skipped", "2.png": "written", "3.png": "written"}
+        assert len(server.bodies) - asked == 2  # only the two unfinished ones were asked again
+        assert (folder / "3.txt").read_text(encoding="utf-8") == streamed(colours[3])
+    finally:
+        hold.set()
+        server.stop()
 
 
 def test_odd_names_linked_images_and_a_linked_folder(echo, tmp_path):

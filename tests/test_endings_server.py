@@ -19,7 +19,7 @@ from qwenvl_fast.backends import openai_server as sb
 from qwenvl_fast.backends.faults import Faults
 from qwenvl_fast.backends.http_transport import Endpoint
 from qwenvl_fast.backends.streams import Stream, StreamRunner, ending_of_finish
-from qwenvl_fast.core.api import ABORTED, COMPLETE, CUT, FAILED, FILTERED, THINKING_OPEN
+from qwenvl_fast.core.api import ABORTED, CANCELLED, COMPLETE, CUT, FAILED, FILTERED, THINKING_OPEN
 from qwenvl_fast.perf_monitor import RunRecord
 
 WORDS = ["The", " cat", " sits", " on", " the", " mat", "."]
@@ -161,3 +161,31 @@ def test_an_answer_is_complete_iff_the_server_said_stop_within_the_cap(pieces, f
     if stream.ending != ABORTED:
         assert stream.text == "".join(pieces[:cap])  # nothing sent after the finish or past the cap is kept
     assert stream.ending != FAILED
+
+
+@pytest.mark.parametrize("per_answer", [True, False])
+def test_cancel_keeps_the_answers_the_server_had_ended_and_marks_the_rest_cancelled(per_answer):
+    """Cancel mid-request: answers already ended keep their ending and text; the held ones are ``cancelled``, never
+    their partial text. Without per-answer errors the whole call is interrupted, as before."""
+    import threading
+
+    hold = threading.Event()
+    replies = [Reply(WORDS), Reply(WORDS, finish_reason="length"), Reply(WORDS[:2], hold=hold),
+               Reply(WORDS, hold=hold)]
+    server = _serve(replies)
+    try:
+        # Two in flight: bodies 3 and 4 are sent only once answers 1 and 2 have ended.
+        request = _request(4, per_answer_errors=per_answer, should_stop=lambda: len(server.bodies) >= 4)
+        if not per_answer:
+            with pytest.raises(ql.GenerationInterrupted):
+                _run(server, request)
+            return
+        result = _run(server, request)
+    finally:
+        hold.set()
+        server.stop()
+    assert result.endings == [COMPLETE, CUT, CANCELLED, CANCELLED]
+    assert result.texts == ["".join(WORDS), "".join(WORDS), "", ""]
+    assert result.errors[:2] == [None, None] and all("cancelled" in e for e in result.errors[2:])
+    assert [result.is_complete(i) for i in range(4)] == [True, False, False, False]
+    assert result.record.interrupted
