@@ -168,6 +168,11 @@ class ServerModel:
             ending = s.ending
             if ending in (COMPLETE, CUT) and s.text.lstrip().startswith("<think>") and "</think>" not in s.text:
                 ending = THINKING_OPEN  # reasoning only: no answer followed it
+            if error is None and s.reasoning.strip():
+                # A reasoning parser (vLLM --reasoning-parser) sends the reasoning apart from the answer.
+                thinking = "\n".join(t for t in (s.reasoning.strip(), thinking) if t)
+                if ending in (COMPLETE, CUT) and not s.text.strip():
+                    ending = THINKING_OPEN  # it reasoned and never answered
             if error is None and spec.constrained:
                 # The server constrains; what it sent is checked (a server that ignored the field, a cut answer).
                 answer = answer.strip()

@@ -130,6 +130,7 @@ class Stream:
     body: dict[str, Any]
     max_new_tokens: int = 256
     text: str = ""
+    reasoning: str = ""  # a reasoning parser's separate field (vLLM: reasoning_content / reasoning)
     tokens: int = 0
     prompt_tokens: int = 0
     completion_tokens: int | None = None
@@ -309,6 +310,7 @@ class StreamRunner:
             raise AnswerError(f"The server at {url} answered with JSON that is not a chat completion (no "
                               "choices[0].message.content): is server_url an OpenAI-compatible server?")
         stream.text = content or ""
+        stream.reasoning = reasoning_of(message)
         reason = choice.get("finish_reason")
         stream.finish_reason = clip(str(reason), 40) if reason else None  # none given: an aborted answer
         usage = data.get("usage")
@@ -406,6 +408,14 @@ def _take_choice(stream: Stream, choice: Any, cap: int, decoder: codecs.Incremen
         return
     delta = choice.get("delta") or {}
     content = delta.get("content") if isinstance(delta, dict) else None
+    thought = reasoning_of(delta) if isinstance(delta, dict) else ""
+    if thought:
+        if stream.t_first is None:
+            stream.t_first = time.perf_counter()
+            stream.first_token_s = stream.t_first - stream.t_headers
+        if stream.tokens < cap:
+            stream.reasoning += thought
+        stream.tokens += 1
     if content:
         if not isinstance(content, str):
             raise AnswerError("sent a delta whose content is not text")
@@ -419,6 +429,16 @@ def _take_choice(stream: Stream, choice: Any, cap: int, decoder: codecs.Incremen
         stream.finish_reason = clip(str(choice["finish_reason"]), 40)
         stream.server_finished = True
         stream.completed()
+
+
+def reasoning_of(part: dict[str, Any]) -> str:
+    """The reasoning a server with a reasoning parser sends apart from the answer (vLLM's ``reasoning_content``,
+    newer ``reasoning``); text that is not a string is ignored."""
+    for key in ("reasoning_content", "reasoning"):
+        value = part.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def _keep_what_ended_before_cancel(streams: list[Stream]) -> None:

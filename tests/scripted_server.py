@@ -28,6 +28,8 @@ class Reply:
     completion_tokens: int = 3
     finish_reason: str | None = "stop"  # None: no finish chunk (a bare [DONE], or a dropped stream)
     done: bool = True  # end with "data: [DONE]"; False with no finish_reason: the stream just closes
+    reasoning: list[str] = field(default_factory=list)  # sent first, apart from the answer (a reasoning parser)
+    reasoning_key: str = "reasoning_content"  # vLLM's name; newer vLLM says "reasoning"
     hold: threading.Event | None = None  # the answer starts only once this is set (or after HOLD_LIMIT_S)
 
 
@@ -85,6 +87,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
             self.wfile.flush()
 
+        for piece in reply.reasoning:
+            event({"choices": [{"index": 0, "delta": {reply.reasoning_key: piece}}]})
         for piece in reply.pieces:
             event({"choices": [{"index": 0, "delta": {"content": piece}}]})
         if reply.error is not None:

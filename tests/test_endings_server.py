@@ -189,3 +189,22 @@ def test_cancel_keeps_the_answers_the_server_had_ended_and_marks_the_rest_cancel
     assert result.errors[:2] == [None, None] and all("cancelled" in e for e in result.errors[2:])
     assert [result.is_complete(i) for i in range(4)] == [True, False, False, False]
     assert result.record.interrupted
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_a_reasoning_parsers_separate_field_is_the_thinking_and_reasoning_only_is_thinking_open(key):
+    """vLLM with --reasoning-parser streams the reasoning apart from the answer: it is the answer's thinking, and an
+    answer that only reasoned (stopped or cut) ended ``thinking_open``, never complete with an empty caption."""
+    thought = ["Let me", " look", " closely."]
+    replies = [Reply(WORDS, reasoning=thought, reasoning_key=key),
+               Reply([], reasoning=thought, reasoning_key=key, finish_reason="length"),
+               Reply([], reasoning=thought, reasoning_key=key)]
+    server = _serve(replies)
+    try:
+        result = _run(server, _request(3, per_answer_errors=True))
+    finally:
+        server.stop()
+    assert result.endings == [COMPLETE, THINKING_OPEN, THINKING_OPEN]
+    assert result.texts == ["".join(WORDS), "", ""]
+    assert result.thinking == ["Let me look closely."] * 3
+    assert any("still reasoning" in w for w in result.record.warnings), result.record.warnings
