@@ -278,6 +278,22 @@ def graph_clip(tab) -> dict:
             "height": min(box["maxh"] - y, box["height"] + 2 * margin)}
 
 
+def overlapping_nodes(tab) -> list[list[str]]:
+    """Pairs of nodes whose boxes (title bar included) overlap on the canvas, as drawn now."""
+    return tab.evaluate(
+        """() => {
+            const title = window.LiteGraph.NODE_TITLE_HEIGHT ?? 30;
+            const box = n => [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]];
+            const nodes = window.app.graph._nodes, pairs = [];
+            for (let i = 0; i < nodes.length; i++) for (let j = i + 1; j < nodes.length; j++) {
+                const a = box(nodes[i]), b = box(nodes[j]);
+                if (a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3])
+                    pairs.push([nodes[i].type + ' #' + nodes[i].id, nodes[j].type + ' #' + nodes[j].id]);
+            }
+            return pairs;
+        }""")
+
+
 def frame_graph(tab) -> None:
     """Zoom and pan so every node is on screen, left-top aligned under the menus."""
     tab.evaluate(
@@ -334,6 +350,8 @@ def test_example_workflow_loads_runs_and_shows_its_result(page, server, path):
     boxes = shown_boxes(page)
     assert sorted(boxes) == sorted(n["shown"] for n in pack_nodes(page))  # really drawn, not only in JS
     assert page.problems == [], page.problems
+    # After the run the result boxes have grown: no node may cover another (a chart hidden under a result box).
+    assert overlapping_nodes(page) == [], f"{path.name}: nodes overlap after a run"
     frame_graph(page)
     screenshot(page, path.stem)
 

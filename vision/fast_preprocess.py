@@ -242,6 +242,50 @@ def _check_inputs(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int
                              f"patch_size * merge_size = {factor} (compute it with smart_resize)")
 
 
+def _resize_grouped(dev_images: list[torch.Tensor], targets: list[tuple[int, int]],
+                    resize_mode: ResizeMode) -> tuple[list[torch.Tensor], int]:
+    """Each HWC image resized to its target as CHW, batched by (source shape, target shape); and the group count.
+
+    HWC -> CHW is a view; the processor makes it contiguous before resizing, and so do we, so the resize kernels
+    see the same layout."""
+    n = len(dev_images)
+    resized: list[torch.Tensor | None] = [None] * n
+    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    for i, img in enumerate(dev_images):
+        groups.setdefault((img.shape[0], img.shape[1], *targets[i]), []).append(i)
+    for (sh, sw, th, tw), idx in groups.items():
+        batch = torch.stack([dev_images[i].permute(2, 0, 1) for i in idx]) if len(idx) > 1 \
+            else dev_images[idx[0]].permute(2, 0, 1).unsqueeze(0)
+        batch = batch.contiguous()
+        if (sh, sw) != (th, tw):
+            batch = _resize(batch, (th, tw), resize_mode)
+        for j, i in enumerate(idx):
+            resized[i] = batch[j]
+    return resized, len(groups)  # type: ignore[return-value]
+
+
+def _normalise_grouped(resized: list[torch.Tensor], targets: list[tuple[int, int]], mean: torch.Tensor,
+                       std: torch.Tensor, dtype: torch.dtype,
+                       patching: tuple[int, int, int]) -> tuple[list[torch.Tensor], int]:
+    """Rescale + normalise + patchify, batched by target shape: each image's patches, and the group count.
+    ``patching`` is (patch_size, merge_size, temporal_patch_size)."""
+    patch_size, merge_size, temporal_patch_size = patching
+    per_image: list[torch.Tensor | None] = [None] * len(resized)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, t in enumerate(targets):
+        groups.setdefault(t, []).append(i)
+    for (th, tw), idx in groups.items():
+        batch = torch.stack([resized[i] for i in idx]) if len(idx) > 1 else resized[idx[0]].unsqueeze(0)
+        pixels = batch.to(torch.float32).sub_(mean).div_(std)
+        if dtype != torch.float32:
+            pixels = pixels.to(dtype)  # before patchify: the temporal copies are then made in the smaller dtype
+        patches = _patchify(pixels, patch_size, merge_size, temporal_patch_size)
+        per_patch = (th // patch_size) * (tw // patch_size)
+        for j, i in enumerate(idx):
+            per_image[i] = patches[j * per_patch:(j + 1) * per_patch]
+    return per_image, len(groups)  # type: ignore[return-value]
+
+
 def preprocess_images(
     images: list[torch.Tensor],
     sizes: list[tuple[int, int]],
@@ -296,39 +340,12 @@ def preprocess_images(
     *dev_images, mean, std = upload([*images, mean, std], device)
     mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
 
-    # 1) Resize, batched by (source shape, target shape). HWC -> CHW is a view; the processor makes
-    #    it contiguous before resizing, and so do we, so the resize kernels see the same layout.
-    resized: list[torch.Tensor | None] = [None] * n
-    resize_groups: dict[tuple[int, int, int, int], list[int]] = {}
-    for i, img in enumerate(dev_images):
-        resize_groups.setdefault((img.shape[0], img.shape[1], *targets[i]), []).append(i)
-    for (sh, sw, th, tw), idx in resize_groups.items():
-        batch = torch.stack([dev_images[i].permute(2, 0, 1) for i in idx]) if len(idx) > 1 \
-            else dev_images[idx[0]].permute(2, 0, 1).unsqueeze(0)
-        batch = batch.contiguous()
-        if (sh, sw) != (th, tw):
-            batch = _resize(batch, (th, tw), resize_mode)
-        for j, i in enumerate(idx):
-            resized[i] = batch[j]
-
-    # 2) Rescale + normalise + patchify, batched by target shape.
-    per_image: list[torch.Tensor | None] = [None] * n
-    norm_groups: dict[tuple[int, int], list[int]] = {}
-    for i, t in enumerate(targets):
-        norm_groups.setdefault(t, []).append(i)
-    for (th, tw), idx in norm_groups.items():
-        batch = torch.stack([resized[i] for i in idx]) if len(idx) > 1 else resized[idx[0]].unsqueeze(0)
-        pixels = batch.to(torch.float32).sub_(mean).div_(std)
-        if dtype != torch.float32:
-            pixels = pixels.to(dtype)  # before patchify: the temporal copies are then made in the smaller dtype
-        patches = _patchify(pixels, patch_size, merge_size, temporal_patch_size)
-        per_patch = (th // patch_size) * (tw // patch_size)
-        for j, i in enumerate(idx):
-            per_image[i] = patches[j * per_patch:(j + 1) * per_patch]
-
+    resized, resize_groups = _resize_grouped(dev_images, targets, resize_mode)
+    per_image, norm_groups = _normalise_grouped(resized, targets, mean, std, dtype,
+                                                (patch_size, merge_size, temporal_patch_size))
     pixel_values = per_image[0] if n == 1 else torch.cat(per_image, dim=0)  # type: ignore[arg-type]
     log.debug("[QwenVL-Fast] preprocessed %d image(s) on %s: %d resize group(s), %d size group(s), %d patches",
-              n, device, len(resize_groups), len(norm_groups), pixel_values.shape[0])
+              n, device, resize_groups, norm_groups, pixel_values.shape[0])
     return pixel_values, grid_thw
 
 

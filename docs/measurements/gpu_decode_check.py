@@ -50,6 +50,21 @@ def weight_bytes_per_token(model) -> tuple[int, int]:
     return decode_bytes_per_token(model), sum(p.numel() * p.element_size() for p in model.visual.parameters())
 
 
+def print_summary(results: dict[str, float], tokens: dict[str, list[int]], floor_ms: float | None,
+                  dtype: object) -> None:
+    """The two settings side by side, against the bandwidth floor, and whether their greedy tokens agree."""
+    off, auto = results["off"], results["auto"]
+    print(f"\nsummary: off {off:.2f} ms/token, auto {auto:.2f} ms/token, speed-up {off / auto:.2f}x")
+    if floor_ms:
+        verdict = "within" if auto <= 2 * floor_ms else "NOT within"
+        print(f"floor {floor_ms:.2f} ms/token: auto is {auto / floor_ms:.2f}x the floor ({verdict} the 2x goal), "
+              f"off {off / floor_ms:.2f}x")
+    same = sum(1 for a, b in zip(tokens["off"], tokens["auto"]) if a == b)
+    first_diff = next((k for k, (a, b) in enumerate(zip(tokens["off"], tokens["auto"])) if a != b), None)
+    print(f"greedy tokens off vs auto ({dtype}, first measured run): {same}/{len(tokens['off'])} equal"
+          + (f", first difference at token {first_diff}" if first_diff is not None else ", identical"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic:qwen2.5-vl-3b")
@@ -121,16 +136,7 @@ def main() -> int:
               + (f", {results[setting] / floor_ms:.2f}x the floor" if floor_ms else ""))
     ql.MANAGER.release()
 
-    off, auto = results["off"], results["auto"]
-    print(f"\nsummary: off {off:.2f} ms/token, auto {auto:.2f} ms/token, speed-up {off / auto:.2f}x")
-    if floor_ms:
-        verdict = "within" if auto <= 2 * floor_ms else "NOT within"
-        print(f"floor {floor_ms:.2f} ms/token: auto is {auto / floor_ms:.2f}x the floor ({verdict} the 2x goal), "
-              f"off {off / floor_ms:.2f}x")
-    same = sum(1 for a, b in zip(tokens["off"], tokens["auto"]) if a == b)
-    first_diff = next((k for k, (a, b) in enumerate(zip(tokens["off"], tokens["auto"])) if a != b), None)
-    print(f"greedy tokens off vs auto ({model.dtype}, first measured run): {same}/{len(tokens['off'])} equal"
-          + (f", first difference at token {first_diff}" if first_diff is not None else ", identical"))
+    print_summary(results, tokens, floor_ms, model.dtype)
     return 0
 
 
