@@ -37,7 +37,7 @@ from .core.api import (
 )
 from .core.errors import GenerationInterrupted, ModelNotFoundError, QwenVLError
 from .embedding_cache import canonical_digest, clear_memory_caches, get_cache
-from .engine import cpu_dtype
+from .engine import cpu_dtype, cpu_linear
 from .engine.decode_compile import DECODE_COMPILE_CHOICES
 from .engine.model import QwenVLModel
 from .engine.prompting import split_thinking
@@ -158,6 +158,10 @@ def load_model(options: LoadOptions, should_stop: Callable[[], bool] | None = No
     )
     loaded.identity_seconds = identity_s
     loaded.dtype_summary = parts.summary() if parts is not None else ""
+    # A batch's decode step on a CPU whose BLAS reads the weights once per row (cpu_linear.py): measured at load.
+    loaded.small_batch_linear = cpu_linear.enable_small_batch_linear(model, device)
+    if loaded.small_batch_linear:
+        log.info("[QwenVL-Fast] %s", loaded.small_batch_linear)
     if attention == "sdpa" and os.environ.get("QWENVL_FAST_GROUPED_VISION_ATTENTION", "1") != "0":
         # Same arithmetic as transformers' per-window SDPA loop, in a few batched calls (vision/attention.py).
         if vision_attention.enable_grouped_vision_attention(model):
