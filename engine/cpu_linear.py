@@ -3,15 +3,15 @@
 Why: decoding a batch of answers multiplies a few rows (one per answer) by every weight matrix. The weights are
 read once per step whatever the number of rows, so a batch of four should cost about what one row costs. With
 PyTorch's x86 BLAS (MKL) on the AMD EPYC this project runs on, ``F.linear`` on 4 rows of a 2048x11008 fp32 matrix
-took 19.4 ms against 5.1 ms for one row: the batch cost four single rows, and batched decode gained nothing. The
-same product written as ``W @ x^T`` (``x^T`` a transposed view) took 6.0 ms (``bench/cpu_linear.py``).
+took 19.7 ms against 4.8 ms for one row: the batch cost four single rows, and batched decode gained little. The
+same product written as ``W @ x^T`` (``x^T`` a transposed view) took 5.4 ms (``docs/benchmark-cpu-linear.md``).
 
 So nothing is assumed: at load, on a CPU, a short probe times both forms on one of the model's own weight matrices
-with ``PROBE_ROWS`` rows; only where the transposed form took at most ``GAIN_MARGIN`` of ``F.linear``'s time do
-the model's plain fp32 ``nn.Linear`` layers use it, and then only for 2 to ``SMALL_ROWS_MAX`` rows (one row, and
-a prefill's hundreds, keep ``F.linear``). Models whose largest matrix is under ``MIN_PROBE_WEIGHTS`` (test-size
-models) are left alone: the probe would time noise. ``$QWENVL_FAST_CPU_SMALL_BATCH_LINEAR`` = ``on`` / ``off``
-overrides the probe (``auto``, the default).
+(``probe_layer``) with ``PROBE_ROWS`` rows; only where the transposed form took at most ``GAIN_MARGIN`` of
+``F.linear``'s time do the model's plain fp32 ``nn.Linear`` layers use it, and then only for 2 to
+``SMALL_ROWS_MAX`` rows (one row, and a prefill's hundreds, keep ``F.linear``). Models whose largest matrix is
+under ``MIN_PROBE_WEIGHTS`` (test-size models) are left alone: the probe would time noise.
+``$QWENVL_FAST_CPU_SMALL_BATCH_LINEAR`` = ``on`` / ``off`` overrides the probe (``auto``, the default).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ PROBE_ROWS = 4
 PROBE_REPEATS = 5
 GAIN_MARGIN = 0.8  # a near-tie keeps F.linear: the same kernel as every other row count
 MIN_PROBE_WEIGHTS = 4 * 1024 * 1024  # elements of the largest matrix (16 MiB in fp32)
+# The probe's matrix: the largest at most this size (an MLP matrix, not a 151,936-row lm_head: 4 rows of that took
+# 300 ms with F.linear here, and the probe calls each form 6 times).
+MAX_PROBE_WEIGHTS = 32 * 1024 * 1024
 _MARK = "_qwenvl_small_batch_linear"
 
 
@@ -43,7 +46,8 @@ def small_batch_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, as ``W @ x^T`` for 2 to ``SMALL_ROWS_MAX`` rows (a contiguous result)."""
     features = x.shape[-1]
     rows = x.numel() // features if features else 0
-    if not (1 < rows <= SMALL_ROWS_MAX) or x.dtype != module.weight.dtype:
+    if not (1 < rows <= SMALL_ROWS_MAX) or x.dtype != module.weight.dtype or x.device.type != "cpu":
+        # (a model moved to a GPU after load keeps its own kernels' choice)
         return F.linear(x, module.weight, module.bias)
     flat = x.reshape(rows, features)
     if module.bias is None:
@@ -76,6 +80,14 @@ def probe(weight: torch.Tensor, rows: int = PROBE_ROWS, repeats: int = PROBE_REP
     return best[0], best[1]
 
 
+def probe_layer(layers: list[nn.Linear]) -> nn.Linear:
+    """The layer the probe times: the largest of at most ``MAX_PROBE_WEIGHTS`` elements (else the smallest)."""
+    fitting = [m for m in layers if m.weight.numel() <= MAX_PROBE_WEIGHTS]
+    if fitting:
+        return max(fitting, key=lambda m: m.weight.numel())
+    return min(layers, key=lambda m: m.weight.numel())
+
+
 def setting() -> str:
     value = os.environ.get(SETTING_ENV, "auto").strip().lower() or "auto"
     if value not in ("auto", "on", "off"):
@@ -92,12 +104,12 @@ def enable_small_batch_linear(model: nn.Module, device: torch.device) -> str:
     if not layers:
         return ""
     choice = setting()
-    largest = max(layers, key=lambda m: m.weight.numel())
     if choice == "auto":
-        if largest.weight.numel() < MIN_PROBE_WEIGHTS:
+        if max(m.weight.numel() for m in layers) < MIN_PROBE_WEIGHTS:
             return "small-batch linear: off (a test-size model: nothing to gain, the probe would time noise)"
-        linear_s, transposed_s = probe(largest.weight.detach())
-        shape = "x".join(str(d) for d in largest.weight.shape)
+        sample = probe_layer(layers)
+        linear_s, transposed_s = probe(sample.weight.detach())
+        shape = "x".join(str(d) for d in sample.weight.shape)
         measured = (f"{PROBE_ROWS} rows of {shape}: F.linear {linear_s * 1e3:.1f} ms, W @ x^T "
                     f"{transposed_s * 1e3:.1f} ms")
         if transposed_s > GAIN_MARGIN * linear_s:

@@ -112,3 +112,18 @@ def test_a_batch_through_a_real_model_answers_as_one_by_one(models_dir, monkeypa
         assert batched.token_ids == alone
     finally:
         ql.MANAGER.release()  # the next test loads the model as configured by default
+
+
+def test_the_probe_times_an_mlp_sized_matrix_not_the_lm_head():
+    layers = [nn.Linear(64, 64), nn.Linear(64, 256), nn.Linear(2, 1)]
+    assert cpu_linear.probe_layer(layers) is layers[1]
+    sizes = {id(m): m.weight.numel() for m in layers}
+    cap = cpu_linear.MAX_PROBE_WEIGHTS
+    try:
+        cpu_linear.MAX_PROBE_WEIGHTS = 64 * 64  # the 64x256 one is now "an lm_head": too large to time
+        assert cpu_linear.probe_layer(layers) is layers[0]
+        cpu_linear.MAX_PROBE_WEIGHTS = 1  # nothing fits: the smallest
+        assert cpu_linear.probe_layer(layers) is layers[2]
+    finally:
+        cpu_linear.MAX_PROBE_WEIGHTS = cap
+    assert sizes == {id(m): m.weight.numel() for m in layers}
