@@ -410,18 +410,14 @@ def _take_choice(stream: Stream, choice: Any, cap: int, decoder: codecs.Incremen
     content = delta.get("content") if isinstance(delta, dict) else None
     thought = reasoning_of(delta) if isinstance(delta, dict) else ""
     if thought:
-        if stream.t_first is None:
-            stream.t_first = time.perf_counter()
-            stream.first_token_s = stream.t_first - stream.t_headers
+        _first_token(stream)
         if stream.tokens < cap:
             stream.reasoning += thought
         stream.tokens += 1
     if content:
         if not isinstance(content, str):
             raise AnswerError("sent a delta whose content is not text")
-        if stream.t_first is None:
-            stream.t_first = time.perf_counter()
-            stream.first_token_s = stream.t_first - stream.t_headers
+        _first_token(stream)
         if stream.tokens < cap:  # past the cap a server is not listening: its text is not kept
             stream.text += decoder.decode(raw_bytes(content))
         stream.tokens += 1
@@ -429,6 +425,12 @@ def _take_choice(stream: Stream, choice: Any, cap: int, decoder: codecs.Incremen
         stream.finish_reason = clip(str(choice["finish_reason"]), 40)
         stream.server_finished = True
         stream.completed()
+
+
+def _first_token(stream: Stream) -> None:
+    if stream.t_first is None:  # reasoning or answer, the first token ends the wait
+        stream.t_first = time.perf_counter()
+        stream.first_token_s = stream.t_first - stream.t_headers
 
 
 def reasoning_of(part: dict[str, Any]) -> str:

@@ -24,31 +24,16 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import bench  # noqa: E402, F401  (the pack as qwenvl_fast)
 from bench.cli import machine_info  # noqa: E402
+from qwenvl_fast.engine import cpu_linear  # noqa: E402  (its probe: the same timing the load does)
 
 SHAPES = {"q/o proj 2048x2048": (2048, 2048), "mlp up/gate 2048->11008": (11008, 2048),
           "mlp down 11008->2048": (2048, 11008), "lm_head 2048->151936": (151936, 2048)}
 ROWS = (1, 2, 4, 8, 16, 64, 256)
-
-
-def time_pair(weight: torch.Tensor, rows: int, repeats: int) -> tuple[float, float]:
-    x = torch.randn(rows, weight.shape[1])
-    forms = (lambda: F.linear(x, weight), lambda: torch.mm(weight, x.t()).t().contiguous())
-    best = [float("inf")] * 2
-    for form in forms:
-        form()
-    for _ in range(repeats):
-        for k, form in enumerate(forms):
-            t0 = time.perf_counter()
-            form()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best[0], best[1]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -58,7 +43,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, (out, features) in SHAPES.items():
             weight = torch.randn(out, features)
             for rows in args.rows:
-                pairs = [time_pair(weight, rows, args.repeats) for _ in range(args.rounds)]
+                pairs = [cpu_linear.probe(weight, rows, args.repeats) for _ in range(args.rounds)]
                 cells.setdefault(name, {})[str(rows)] = [list(p) for p in pairs]
                 ratios = [a / b for a, b in pairs]
                 print(f"{name:26s} rows {rows:4d}: F.linear {statistics.median(p[0] for p in pairs) * 1e3:8.2f} ms"

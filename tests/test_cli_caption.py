@@ -250,3 +250,33 @@ def test_ctrl_c_stops_after_the_files_in_flight_with_status_130(served, echo, tm
     written = sorted(p.name for p in folder.glob("*.txt"))
     assert 2 <= len(written) < 12, written
     assert all((folder / w).read_text().startswith("colour ") for w in written)  # each whole
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_model_loads_exits_130_without_a_traceback(tmp_path, sig):
+    """The README: Ctrl-C or SIGTERM never prints a traceback, also during the model load. The load here is the
+    server backend's model list from a server that accepts the connection and never answers."""
+    import socket
+
+    folder = tmp_path / "loading"
+    solid(folder, "a.png", (1, 2, 3))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(120)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "caption-folder", str(folder), "--backend",
+                             "server", "--server-url", url], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        conn, _ = listener.accept()  # the load has asked for the model list: it is waiting now
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        conn.close()
+    finally:
+        listener.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "interrupted while loading the model" in err and "Traceback" not in err, err[-2000:]
+    assert not list(folder.glob("*.txt"))
